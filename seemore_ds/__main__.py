@@ -1,0 +1,142 @@
+"""The command line: ``python -m seemore_ds <command>``. Parses arguments and calls the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from seemore_ds.errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m seemore_ds", description="Train and use the Seemore vision-language model.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model (engine-free or under DeepSpeed)")
+    train.add_argument("--config", help="YAML run config (default: the built-in defaults, as in configs/default.yaml)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=50")
+    train.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                       help="DeepSpeed JSON config (same as train.deepspeed_config=FILE)")
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    generate = commands.add_parser("generate", help="caption images with a trained model")
+    generate.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or export folder")
+    generate.add_argument("--image", required=True, nargs="+", help="image file(s) in any format PIL reads")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    generate.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely characters")
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=None)
+    generate.add_argument("--seed", type=int, default=0, help="seed for sampling")
+
+    evaluate = commands.add_parser("eval", help="validation loss and caption exact match of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or export folder")
+    evaluate.add_argument("--data", help="CSV to evaluate on (default: the run's own held-out split)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=64)
+
+    plot = commands.add_parser("plot", help="write the PNG plots of a run folder")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="folder for the PNGs (default: the run folder)")
+
+    data = commands.add_parser("data", help="dataset tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    synth = data_commands.add_parser("synth", help="write the built-in synthetic dataset as a seemore CSV")
+    synth.add_argument("--out", required=True, help="CSV file to write")
+    synth.add_argument("--n", type=_positive_int, default=1000, help="number of images")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
+    synth.add_argument("--png-dir", help="also write every image as a PNG file here")
+    return parser
+
+
+def cmd_train(args) -> None:
+    from seemore_ds.config import load_config
+    from seemore_ds.trainer import train
+
+    overrides = list(args.overrides)
+    if args.deepspeed_config:
+        overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
+    train(load_config(args.config, overrides))
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from seemore_ds.checkpoint import load_model_for_inference
+    from seemore_ds.data.images import read_image_file
+    from seemore_ds.evaluation import generate_captions
+
+    model, tokenizer, cfg = load_model_for_inference(args.checkpoint)
+    images = torch.stack([
+        torch.from_numpy(read_image_file(path, cfg.model.img_size, cfg.data.max_image_pixels)) for path in args.image
+    ])
+    generator = torch.Generator().manual_seed(args.seed)
+    captions = generate_captions(model, images, tokenizer, temperature=args.temperature, top_k=args.top_k,
+                                 max_new_tokens=args.max_new_tokens, generator=generator)
+    for path, caption in zip(args.image, captions):
+        print(caption if len(args.image) == 1 else f"{path}\t{caption}")
+
+
+def cmd_eval(args) -> None:
+    from seemore_ds.checkpoint import load_model_for_inference
+    from seemore_ds.evaluation import evaluate_checkpoint
+
+    model, tokenizer, cfg = load_model_for_inference(args.checkpoint)
+    result = evaluate_checkpoint(model, tokenizer, cfg, args.data, args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['source']}: val_loss {result['val_loss']:.4f}, caption_exact_match {result['caption_exact_match']:.3f} "
+              f"on {result['n']} rows")
+        if result["skipped_rows"]:
+            print(f"{result['skipped_rows']} rows skipped as unusable")
+
+
+def cmd_plot(args) -> None:
+    from seemore_ds.metrics.plots import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+
+
+def cmd_data(args) -> None:
+    from seemore_ds.data.csv_reader import write_caption_csv
+    from seemore_ds.data.synthetic import synthetic_dataset
+
+    images, captions = synthetic_dataset(args.n, seed=args.seed, size_px=args.size)
+    write_caption_csv(args.out, images, captions)
+    if args.png_dir:
+        folder = Path(args.png_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        width = len(str(args.n - 1))
+        for i, image in enumerate(images):
+            image.save(folder / f"{i:0{width}d}.png")
+    print(f"wrote {args.n} captioned images to {args.out}" + (f" and PNGs to {args.png_dir}" if args.png_dir else ""))
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""What the trainer needs from a backend: one optimizer step, an eval loss, save and load.
+
+A backend owns the model, optimizer, LR schedule and precision handling; the trainer loop is
+written once against this interface and holds no backend-specific branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from seemore_ds.data.dataset import Batch
+
+
+@dataclass
+class StepStats:
+    """One optimizer step. Tensors stay on the device until a log step asks for ``.item()``."""
+
+    loss: torch.Tensor  # mean over the step's micro-batches
+    grad_norm: torch.Tensor | None  # before clipping; None when the backend cannot tell
+    lr: float
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    optimizer_s: float = 0.0
+    skipped: bool = False  # fp16 overflow: the update was skipped
+    loss_scale: float | None = None  # fp16 dynamic loss scale after the step
+
+
+class Backend(Protocol):
+    module: torch.nn.Module  # the bare SeemoreVLM (for generate, eval, export)
+    device: torch.device
+    rank: int
+    world_size: int
+
+    def train_step(self, micro_batches: list[Batch], timed: bool) -> StepStats:
+        """Forward, backward and one optimizer step over ``grad_accum`` micro-batches."""
+
+    def eval_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, number of tokens) for one batch, without gradients."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (identity on one rank)."""
+
+    def save(self, checkpoint_dir: Path, client_state: dict) -> None:
+        """Write this rank's part of a checkpoint into ``checkpoint_dir``; every rank calls it."""
+
+    def load(self, checkpoint_dir: Path) -> dict:
+        """Restore model, optimizer, schedule and scaler; returns the saved client_state."""

@@ -1,0 +1,118 @@
+"""The engine-free backend: plain PyTorch on CPU or one CUDA GPU. Never imports deepspeed."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from seemore_ds.backends.base import StepStats
+from seemore_ds.checkpoint import MODEL_FILE
+from seemore_ds.config import Config
+from seemore_ds.data.dataset import Batch
+from seemore_ds.errors import UserError
+from seemore_ds.evaluation import token_loss_sum
+from seemore_ds.model import SeemoreVLM
+from seemore_ds.optim import lr_multiplier, param_groups
+
+TRAINING_STATE_FILE = "training_state.pt"
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class TorchBackend:
+    rank, world_size = 0, 1
+
+    def __init__(self, model: SeemoreVLM, cfg: Config):
+        self.device = resolve_device(cfg.train.device)
+        precision = cfg.train.precision
+        if precision == "fp16" and self.device.type != "cuda":
+            raise UserError("train.precision=fp16 needs a CUDA GPU (CPU autocast has no fp16 loss scaling); use train.precision=bf16 on CPU")
+        self.module = model.to(self.device)
+        self.train_cfg = cfg.train
+        fused = self.device.type == "cuda"  # one kernel for the whole update on GPU
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+            betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps, fused=fused,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, cfg.train))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        dtype = AUTOCAST_DTYPES.get(precision)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
+
+    def _sync(self, timed: bool) -> float:
+        if timed and self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def train_step(self, micro_batches: list[Batch], timed: bool) -> StepStats:
+        self.module.train()
+        forward_s = backward_s = 0.0
+        total_loss = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            batch = batch.to(self.device)
+            t0 = self._sync(timed)
+            with self.autocast():
+                _, loss = self.module(batch.images, batch.input_ids, batch.targets)
+            t1 = self._sync(timed)
+            self.scaler.scale(loss / len(micro_batches)).backward()
+            t2 = self._sync(timed)
+            forward_s, backward_s = forward_s + t1 - t0, backward_s + t2 - t1
+            total_loss += loss.detach()
+        t0 = time.perf_counter()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.train_cfg.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        skipped = scale_before is not None and self.scaler.get_scale() < scale_before
+        optimizer_s = self._sync(timed) - t0
+        return StepStats(
+            loss=total_loss / len(micro_batches), grad_norm=grad_norm, lr=lr,
+            forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s, skipped=skipped,
+            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None,
+        )
+
+    def eval_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        self.module.eval()
+        with self.autocast():
+            return token_loss_sum(self.module, batch.to(self.device))
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        pass
+
+    def save(self, checkpoint_dir: Path, client_state: dict) -> None:
+        save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, str(checkpoint_dir / MODEL_FILE))
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+             "scaler": self.scaler.state_dict(), "client_state": client_state},
+            checkpoint_dir / TRAINING_STATE_FILE,
+        )
+
+    def load(self, checkpoint_dir: Path) -> dict:
+        state_file = checkpoint_dir / TRAINING_STATE_FILE
+        if not state_file.is_file():
+            raise UserError(f"{checkpoint_dir} holds no {TRAINING_STATE_FILE}: not a checkpoint of the torch backend")
+        self.module.load_state_dict(load_file(str(checkpoint_dir / MODEL_FILE), device=str(self.device)))
+        state = torch.load(state_file, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        return state["client_state"]

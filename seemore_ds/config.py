@@ -1,0 +1,268 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides and every value check.
+
+A run is configured by a YAML file (``configs/default.yaml``) plus ``key=value`` overrides such as
+``train.max_steps=50``. Every check of a value lives in ``validate`` so that a bad value is reported
+once, as a one-line :class:`UserError`, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from seemore_ds.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"  # every file of the run lands here
+
+
+@dataclass
+class DataConfig:
+    csv: str = ""  # empty: the built-in synthetic dataset
+    on_bad_row: str = "skip"  # skip | error
+    val_fraction: float = 0.1
+    synth_n: int = 3000  # size of the built-in dataset
+    max_image_pixels: int = 64_000_000  # larger images are refused as decompression bombs
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 64
+    patch_size: int = 8
+    image_embed_dim: int = 128
+    num_blks: int = 3
+    n_embd: int = 128
+    n_layer: int = 4
+    n_head: int = 8
+    dropout: float = 0.0
+    max_caption_len: int = 48  # characters; longer captions are reported as bad rows
+    # "patches": the decoder sees the CLS token and every patch token (LLaVA style);
+    # "cls": only the CLS token, as in the original seemore.
+    image_tokens: str = "patches"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600
+    batch_size: int = 32  # per rank, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 1337
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    backend: str = "auto"  # torch | deepspeed | auto
+    device: str = "auto"  # auto | cpu | cuda
+    resume: str = "none"  # none | auto | PATH
+    deepspeed_config: str = ""  # DeepSpeed JSON; --deepspeed_config on the command line also sets it
+
+
+@dataclass
+class EvalConfig:
+    every: int = 200  # steps between evaluations; 0: only at the end
+    max_batches: int = 20  # validation batches per evaluation; 0: the whole split
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200  # steps between checkpoints; 0: only at the end
+    keep_last: int = 2  # older checkpoints are deleted, except the best by val loss
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between rows of losses_log.csv and timing_logs.csv
+    progress: bool = True  # tqdm progress bar on the console
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.on_bad_row": ("skip", "error"),
+    "model.image_tokens": ("patches", "cls"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.backend": ("torch", "deepspeed", "auto"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def all_keys(cfg: Config | None = None) -> dict[str, type]:
+    """Every dotted key of the config with the type it expects."""
+    cfg = cfg or Config()
+    keys = {}
+    for section in dataclasses.fields(cfg):
+        hints = typing.get_type_hints(type(getattr(cfg, section.name)))
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            keys[f"{section.name}.{f.name}"] = hints[f.name]
+    return keys
+
+
+def _coerce(key: str, value, expected: type):
+    """Convert a YAML or command-line value to the key's type, or say what the key expects."""
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"config key {key} expects true or false, got {value!r}")
+    if expected is int:
+        if isinstance(value, bool):
+            raise UserError(f"config key {key} expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise UserError(f"config key {key} expects an integer, got {value!r}")
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"config key {key} expects a number, got {value!r}")
+    if expected is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config key {key} expects a string, got {value!r}")
+    raise TypeError(f"unsupported config type {expected} for {key}")
+
+
+def set_key(cfg: Config, key: str, value) -> None:
+    """Set one dotted key, refusing unknown keys with the closest valid one suggested."""
+    keys = all_keys(cfg)
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f"; valid sections: {', '.join(f.name for f in dataclasses.fields(cfg))}"
+        raise UserError(f"unknown config key {key!r}{hint}")
+    section, name = key.split(".", 1)
+    setattr(getattr(cfg, section), name, _coerce(key, value, keys[key]))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split ``section.key=value``; the value is parsed by the key's type later."""
+    if "=" not in text:
+        raise UserError(f"expected a key=value override such as train.max_steps=50, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
+    cfg = Config()
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"config file {path} must hold sections such as 'train:', not a {type(tree).__name__}")
+        for key, value in _flatten(tree).items():
+            if "." not in key:
+                raise UserError(f"config file {path}: {key!r} must sit inside a section such as 'train:'")
+            try:
+                set_key(cfg, key, value)
+            except UserError as err:
+                raise UserError(f"config file {path}: {err}") from None
+    for text in overrides:
+        set_key(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def validate(cfg: Config) -> None:
+    """Every check of a config value; the first problem found is raised as a UserError."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise UserError(f"config key {key} must be one of {', '.join(allowed)}, got {value!r}")
+    m, t = cfg.model, cfg.train
+    positive = {
+        "model.img_size": m.img_size, "model.patch_size": m.patch_size, "model.image_embed_dim": m.image_embed_dim,
+        "model.num_blks": m.num_blks, "model.n_embd": m.n_embd, "model.n_layer": m.n_layer, "model.n_head": m.n_head,
+        "model.max_caption_len": m.max_caption_len, "train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum, "data.synth_n": cfg.data.synth_n, "data.max_image_pixels": cfg.data.max_image_pixels,
+        "log.every": cfg.log.every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config key {key} must be positive, got {value}")
+    non_negative = {
+        "train.lr": t.lr, "train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
+        "train.grad_clip": t.grad_clip, "eval.every": cfg.eval.every, "eval.max_batches": cfg.eval.max_batches,
+        "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "train.eps": t.eps,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"config key {key} must be zero or more, got {value}")
+    if m.img_size % m.patch_size:
+        raise UserError(f"model.img_size ({m.img_size}) must be a multiple of model.patch_size ({m.patch_size})")
+    if m.n_embd % m.n_head:
+        raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    if m.image_embed_dim % m.n_head:
+        raise UserError(f"model.image_embed_dim ({m.image_embed_dim}) must be divisible by model.n_head ({m.n_head})")
+    if not 0 <= m.dropout < 1:
+        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    for key, beta in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
+        if not 0 <= beta < 1:
+            raise UserError(f"config key {key} must be in [0, 1), got {beta}")
+    if not cfg.run.output_dir:
+        raise UserError("run.output_dir must name a folder, e.g. run.output_dir=runs/first")

@@ -1,0 +1,1 @@
+"""Data: the CSV reader, image decoding, the built-in synthetic dataset, split, sampler and batches."""

@@ -1,0 +1,140 @@
+"""Decoded dataset, deterministic split, tokenised tensors, a resumable sharded sampler and batches.
+
+Images are decoded once into one uint8 tensor; captions are tokenised once into two int64
+tensors. A batch is then three index operations, so the data path costs next to nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from seemore_ds.config import Config
+from seemore_ds.data.csv_reader import BadRow, read_caption_csv
+from seemore_ds.data.images import to_rgb_array
+from seemore_ds.data.synthetic import synthetic_dataset
+from seemore_ds.errors import UserError
+from seemore_ds.model import IGNORE_INDEX
+from seemore_ds.tokenizer import CharTokenizer
+
+
+@dataclass
+class CaptionData:
+    images: torch.Tensor  # uint8 (N, 3, S, S)
+    captions: list[str]
+    source: str  # the CSV path, or "built-in synthetic (N)"
+    bad_rows: list[BadRow] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def subset(self, indices: torch.Tensor) -> "CaptionData":
+        return CaptionData(self.images[indices], [self.captions[i] for i in indices.tolist()], self.source)
+
+
+def load_caption_data(cfg: Config, csv_path: str | None = None) -> CaptionData:
+    """The configured CSV (or ``csv_path``), else the built-in synthetic dataset; decoded once."""
+    path = cfg.data.csv if csv_path is None else csv_path
+    if path:
+        images, captions, bad = read_caption_csv(
+            path, cfg.model.img_size, cfg.model.max_caption_len, cfg.data.max_image_pixels, cfg.data.on_bad_row
+        )
+        return CaptionData(torch.from_numpy(images), captions, path, bad)
+    pil_images, captions = synthetic_dataset(cfg.data.synth_n, seed=cfg.train.seed, size_px=cfg.model.img_size)
+    images = np.stack([to_rgb_array(img, cfg.model.img_size) for img in pil_images])
+    return CaptionData(torch.from_numpy(images), captions, f"built-in synthetic ({cfg.data.synth_n} images)")
+
+
+def split_train_val(data: CaptionData, val_fraction: float, seed: int) -> tuple[CaptionData, CaptionData]:
+    """Deterministic from the seed; at least one training row, and one validation row when asked for."""
+    n = len(data)
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return data.subset(order[n_val:]), data.subset(order[:n_val])
+
+
+def tokenize_captions(captions: list[str], tokenizer: CharTokenizer, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input ids ``<bos> c1 .. cn <pad>..`` and targets ``c1 .. cn <eos> -100..``, each (N, text_len)."""
+    input_ids = torch.full((len(captions), text_len), tokenizer.pad_id, dtype=torch.long)
+    targets = torch.full((len(captions), text_len), IGNORE_INDEX, dtype=torch.long)
+    for row, caption in enumerate(captions):
+        ids = tokenizer.encode(caption)[: text_len - 1]
+        input_ids[row, : len(ids) + 1] = torch.tensor([tokenizer.bos_id, *ids])
+        targets[row, : len(ids) + 1] = torch.tensor([*ids, tokenizer.eos_id])
+    return input_ids, targets
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        non_blocking = device.type == "cuda"
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.images, self.input_ids, self.targets)))
+
+
+class TokenizedSplit:
+    """One split ready for batching: uint8 images plus token tensors, indexed together."""
+
+    def __init__(self, data: CaptionData, tokenizer: CharTokenizer, text_len: int):
+        self.data = data
+        self.input_ids, self.targets = tokenize_captions(data.captions, tokenizer, text_len)
+        if torch.cuda.is_available():  # pinned host memory makes the copy to the GPU asynchronous
+            self.images, self.input_ids, self.targets = (t.pin_memory() for t in (data.images, self.input_ids, self.targets))
+        else:
+            self.images = data.images
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, indices: torch.Tensor) -> Batch:
+        return Batch(self.images[indices], self.input_ids[indices], self.targets[indices])
+
+    def sequential_batches(self, batch_size: int, rank: int = 0, world_size: int = 1, max_batches: int = 0):
+        """This rank's share of the split in order, for evaluation (the last batch may be short)."""
+        indices = torch.arange(rank, len(self), world_size)
+        chunks = indices.split(batch_size)
+        for chunk in chunks[:max_batches] if max_batches else chunks:
+            yield self.batch(chunk)
+
+
+class ResumableSampler:
+    """Per-epoch shuffled, rank-sharded batches of indices whose position survives a restart.
+
+    Every rank draws the same permutation (seed + epoch) and takes every world_size-th index, so
+    the shards are disjoint; the tail that would leave ranks with unequal batch counts is dropped.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.batches_per_epoch = (n // world_size) // batch_size
+        if self.batches_per_epoch == 0:
+            raise UserError(
+                f"the training split has {n} rows, fewer than train.batch_size={batch_size} x {world_size} rank(s); "
+                f"lower train.batch_size or add data"
+            )
+        self.epoch, self.batch_index = 0, 0
+        self._order = None
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self._order is None:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            self._order = perm[self.rank :: self.world_size][: self.batches_per_epoch * self.batch_size]
+        return self._order
+
+    def next_indices(self) -> torch.Tensor:
+        if self.batch_index == self.batches_per_epoch:
+            self.epoch, self.batch_index, self._order = self.epoch + 1, 0, None
+        start = self.batch_index * self.batch_size
+        self.batch_index += 1
+        return self._epoch_order()[start : start + self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_index": self.batch_index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch_index, self._order = state["epoch"], state["batch_index"], None

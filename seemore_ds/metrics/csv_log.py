@@ -1,0 +1,35 @@
+"""Append-only CSV logs with a fixed header, trimmed back to the resume step on restart."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+LOSS_COLUMNS = ["step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "samples_per_s", "loss_scale", "skipped_steps"]
+TIMING_COLUMNS = ["step", "data_s", "forward_s", "backward_s", "optimizer_s", "step_s"]
+
+
+class CSVLog:
+    def __init__(self, path: Path, columns: list[str], resume_step: int | None = None):
+        """Start a new file, or on resume keep the rows up to ``resume_step`` (later ones were never checkpointed)."""
+        self.path, self.columns = path, columns
+        kept = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="", encoding="utf-8") as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows({k: row.get(k, "") for k in columns} for row in kept)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="", encoding="utf-8") as handle:
+            csv.DictWriter(handle, fieldnames=self.columns).writerow({k: _fmt(row.get(k)) for k in self.columns})
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)

@@ -1,0 +1,235 @@
+"""The Seemore vision-language model: ViT encoder -> MLP projector -> causal character decoder.
+
+Pure PyTorch; knows nothing of DeepSpeed. Images enter as uint8 (B, 3, H, W) and are normalised
+here, so the data path can stay uint8 end to end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seemore_ds.config import ModelConfig
+
+IGNORE_INDEX = -100  # targets at padding and image positions
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection and PyTorch's SDPA kernel."""
+
+    def __init__(self, dim: int, n_head: int, dropout: float, causal: bool):
+        super().__init__()
+        self.n_head, self.causal, self.dropout = n_head, causal, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, kv_cache: dict | None = None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if kv_cache is not None:
+            if "k" in kv_cache:
+                k = torch.cat([kv_cache["k"], k], dim=2)
+                v = torch.cat([kv_cache["v"], v], dim=2)
+            kv_cache["k"], kv_cache["v"] = k, v
+        # A single new token attends to every cached position, so it needs no mask.
+        is_causal = self.causal and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(dim, 4 * dim)
+        self.proj = nn.Linear(4 * dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, dim: int, n_head: int, dropout: float, causal: bool):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, n_head, dropout, causal)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, dropout)
+
+    def forward(self, x, kv_cache: dict | None = None):
+        x = x + self.attn(self.ln1(x), kv_cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class ViT(nn.Module):
+    """Convolutional patch embedding, CLS token, learned positions, pre-LN blocks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim = cfg.image_embed_dim
+        self.num_patches = (cfg.img_size // cfg.patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(dim, cfg.n_head, cfg.dropout, causal=False) for _ in range(cfg.num_blks))
+        self.ln = nn.LayerNorm(dim)
+
+    def forward(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, patches, dim)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln(x)  # (B, 1 + patches, dim); index 0 is CLS
+
+
+class Projector(nn.Module):
+    """image_embed_dim -> 4 * image_embed_dim -> n_embd, as in seemore."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.image_embed_dim, 4 * cfg.image_embed_dim)
+        self.proj = nn.Linear(4 * cfg.image_embed_dim, cfg.n_embd)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Decoder(nn.Module):
+    """Causal character-level transformer; image tokens are prepended to the text embeddings."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, max_positions: int):
+        super().__init__()
+        self.tok_embed = nn.Embedding(vocab_size, cfg.n_embd)
+        self.pos_embed = nn.Embedding(max_positions, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.dropout, causal=True) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size)
+
+    def forward(self, x, start_pos: int = 0, kv_caches: list | None = None):
+        """x: (B, T, n_embd) input embeddings at positions start_pos..start_pos+T-1; returns hidden states."""
+        positions = torch.arange(start_pos, start_pos + x.shape[1], device=x.device)
+        x = self.dropout(x + self.pos_embed(positions))
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_caches[i] if kv_caches is not None else None)
+        return self.ln_f(x)
+
+
+class SeemoreVLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.vit = ViT(cfg)
+        self.projector = Projector(cfg)
+        self.num_image_tokens = 1 if cfg.image_tokens == "cls" else self.vit.num_patches + 1
+        self.text_len = cfg.max_caption_len + 1  # <bos> + caption, or caption + <eos>
+        self.decoder = Decoder(cfg, vocab_size, self.num_image_tokens + self.text_len)
+        self.apply(self._init_weights)
+        nn.init.trunc_normal_(self.vit.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
+        # GPT-2: scale residual projections by depth so the residual stream starts near unit variance.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") and "projector" not in name:
+                depth = self.cfg.n_layer if name.startswith("decoder") else self.cfg.num_blks
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> image tokens in the decoder's space (B, num_image_tokens, n_embd)."""
+        x = images.to(self.vit.cls_token.dtype) / 127.5 - 1.0
+        feats = self.vit(x)
+        if self.cfg.image_tokens == "cls":
+            feats = feats[:, :1]
+        return self.projector(feats)
+
+    def forward(self, images, input_ids, targets=None):
+        """Returns (logits over the text positions, mean loss over non-ignored targets or None)."""
+        image_tokens = self.encode_images(images)
+        x = torch.cat([image_tokens, self.decoder.tok_embed(input_ids)], dim=1)
+        hidden = self.decoder(x)[:, self.num_image_tokens:]  # the image positions predict nothing
+        logits = self.decoder.lm_head(hidden)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, images, bos_id: int, eos_id: int, max_new_tokens: int | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """Caption a batch of uint8 images; greedy when temperature is 0. Stops at <eos>."""
+        max_new_tokens = min(max_new_tokens or self.text_len, self.text_len)
+        B = images.shape[0]
+        ids = torch.full((B, 1), bos_id, dtype=torch.long, device=images.device)
+        image_tokens = self.encode_images(images)
+        caches = [{} for _ in self.decoder.blocks] if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=images.device)
+        x, start = torch.cat([image_tokens, self.decoder.tok_embed(ids)], dim=1), 0
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                x, start = torch.cat([image_tokens, self.decoder.tok_embed(ids)], dim=1), 0
+            hidden = self.decoder(x, start_pos=start, kv_caches=caches)
+            logits = self.decoder.lm_head(hidden[:, -1]).float()
+            next_id = sample_next(logits, temperature, top_k, generator)
+            next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
+            ids = torch.cat([ids, next_id[:, None]], dim=1)
+            done |= next_id == eos_id
+            if done.all():
+                break
+            if use_cache:
+                start += x.shape[1]
+                x = self.decoder.tok_embed(next_id[:, None])
+        captions = []
+        for row in ids[:, 1:].tolist():
+            captions.append(row[: row.index(eos_id)] if eos_id in row else row)
+        return captions
+
+    def flops_per_sample(self) -> int:
+        """Training FLOPs for one sample (forward + backward = 3 x forward), matmuls and attention only."""
+        c = self.cfg
+        vit_tokens = self.vit.num_patches + 1
+        dec_tokens = self.num_image_tokens + self.text_len
+
+        def blocks(dim, tokens, n):  # qkv + proj + mlp (2 x 4 dim^2) linears, and QK^T, AV
+            return n * (2 * tokens * 12 * dim * dim + 2 * 2 * tokens * tokens * dim)
+
+        forward = (
+            2 * self.vit.num_patches * 3 * c.patch_size**2 * c.image_embed_dim
+            + blocks(c.image_embed_dim, vit_tokens, c.num_blks)
+            + 2 * self.num_image_tokens * (4 * c.image_embed_dim**2 + 4 * c.image_embed_dim * c.n_embd)
+            + blocks(c.n_embd, dec_tokens, c.n_layer)
+            + 2 * self.text_len * c.n_embd * self.vocab_size
+        )
+        return 3 * forward
+
+
+def sample_next(logits, temperature: float, top_k: int | None, generator=None):
+    """Pick the next token from (B, vocab) logits: argmax at temperature 0, else top-k sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)

@@ -1,0 +1,243 @@
+"""The training loop, written once for every backend: data, steps, logging, eval, checkpoints."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from seemore_ds import checkpoint as ckpt
+from seemore_ds.backends import build_backend
+from seemore_ds.config import Config, load_config, save_config
+from seemore_ds.data.csv_reader import summarize_bad_rows, write_bad_rows
+from seemore_ds.data.dataset import ResumableSampler, TokenizedSplit, load_caption_data, split_train_val
+from seemore_ds.errors import UserError
+from seemore_ds.evaluation import caption_matches, split_loss
+from seemore_ds.metrics.csv_log import LOSS_COLUMNS, TIMING_COLUMNS, CSVLog
+from seemore_ds.metrics.plots import plot_run
+from seemore_ds.model import SeemoreVLM
+from seemore_ds.tokenizer import CharTokenizer
+
+BAD_ROWS_FILE = "bad_rows.csv"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    final_train_loss: float
+    final_val_loss: float | None
+    exact_match: float | None
+    checkpoint: Path | None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_python_state(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _as_python_state(state):
+    """random.getstate() comes back from a checkpoint with lists where it had tuples."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    if cfg.train.resume == "none":
+        return None
+    if cfg.train.resume == "auto":
+        root = run_dir / ckpt.CHECKPOINTS
+        if not ckpt.read_pointer(root / "latest") and not ckpt.list_checkpoints(root):
+            return None
+        return ckpt.resolve_checkpoint(run_dir)
+    return ckpt.resolve_checkpoint(cfg.train.resume)
+
+
+def check_same_model(cfg: Config, saved: Config, where: Path) -> None:
+    for key, value in vars(cfg.model).items():
+        if getattr(saved.model, key) != value and key != "dropout":
+            raise UserError(
+                f"checkpoint {where} was trained with model.{key}={getattr(saved.model, key)}, "
+                f"but the config says {value}; use the same model sizes to resume"
+            )
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.output_dir)
+        self.ckpt_root = self.run_dir / ckpt.CHECKPOINTS
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+
+        data = load_caption_data(cfg)
+        train_data, val_data = split_train_val(data, cfg.data.val_fraction, cfg.train.seed)
+        self.resume_from = find_resume_checkpoint(cfg, self.run_dir)
+        if self.resume_from:
+            saved = load_config(str(self.resume_from / ckpt.CONFIG_FILE))
+            check_same_model(cfg, saved, self.resume_from)
+            self.tokenizer = CharTokenizer.load(self.resume_from / ckpt.TOKENIZER_FILE)
+        else:
+            self.tokenizer = CharTokenizer.from_captions(train_data.captions)
+        model = SeemoreVLM(cfg.model, self.tokenizer.vocab_size)
+        self.backend = build_backend(model, cfg)
+        self.is_main = self.backend.rank == 0
+        text_len = model.text_len
+        self.train_split = TokenizedSplit(train_data, self.tokenizer, text_len)
+        self.val_split = TokenizedSplit(val_data, self.tokenizer, text_len) if len(val_data) else None
+        self.sampler = ResumableSampler(
+            len(train_data), cfg.train.batch_size, cfg.train.seed, self.backend.rank, self.backend.world_size
+        )
+        self.step, self.best_val_loss = 0, float("inf")
+        if self.resume_from:
+            client_state = self.backend.load(self.resume_from)
+            self.step = client_state["step"]
+            self.best_val_loss = client_state["best_val_loss"]
+            self.sampler.load_state_dict(client_state["sampler"])
+            set_rng_state(client_state["rng"])
+        if self.is_main:
+            self._prepare_run_folder(data, model)
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+    def _prepare_run_folder(self, data, model: SeemoreVLM) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / ckpt.CONFIG_FILE)
+        self.tokenizer.save(self.run_dir / ckpt.TOKENIZER_FILE)
+        resume_step = self.step if self.resume_from else None
+        self.loss_log = CSVLog(self.run_dir / "losses_log.csv", LOSS_COLUMNS, resume_step)
+        self.timing_log = CSVLog(self.run_dir / "timing_logs.csv", TIMING_COLUMNS, resume_step)
+        n_train, n_val = len(self.train_split), len(self.val_split) if self.val_split else 0
+        self.say(f"data: {data.source}: {len(data)} rows used, {n_train} train / {n_val} val, vocab {self.tokenizer.vocab_size}")
+        if data.bad_rows:
+            write_bad_rows(data.bad_rows, self.run_dir / BAD_ROWS_FILE)
+            self.say(f"data: {summarize_bad_rows(data.bad_rows)}; row numbers and reasons in {self.run_dir / BAD_ROWS_FILE}")
+        self.say(
+            f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_sample() / 1e9:.2f} GFLOP per training sample; "
+            f"backend {type(self.backend).__name__} on {self.backend.device} x {self.backend.world_size}, {self.cfg.train.precision}"
+        )
+        if self.resume_from:
+            self.say(f"resuming from {self.resume_from} at step {self.step}")
+
+    def _due(self, every: int) -> bool:
+        return self.step == self.cfg.train.max_steps or (every > 0 and self.step % every == 0)
+
+    def evaluate(self) -> float | None:
+        if self.val_split is None:
+            return None
+        return split_loss(self.backend, self.val_split, self.cfg.train.batch_size, self.cfg.eval.max_batches)
+
+    def save_checkpoint(self, val_loss: float | None) -> Path:
+        """Every rank writes its part into a staging folder; rank 0 publishes it when all are done."""
+        tag = ckpt.tag_for(self.step)
+        staging = self.ckpt_root / f"{ckpt.TMP_PREFIX}{tag}"
+        if self.is_main:
+            ckpt.staging_dir(self.ckpt_root, tag)
+        self.backend.barrier()
+        client_state = {
+            "step": self.step,
+            "samples_seen": self.step * self.samples_per_step,
+            "best_val_loss": min(self.best_val_loss, val_loss) if val_loss is not None else self.best_val_loss,
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),  # this rank's; backends keep each rank's client_state
+            "tokenizer": self.tokenizer.to_dict(),
+            "config": self.cfg.to_dict(),
+        }
+        self.backend.save(staging, client_state)
+        self.backend.barrier()
+        final = self.ckpt_root / tag
+        if self.is_main:
+            save_config(self.cfg, staging / ckpt.CONFIG_FILE)
+            self.tokenizer.save(staging / ckpt.TOKENIZER_FILE)
+            final = ckpt.publish(self.ckpt_root, staging, tag)
+            if val_loss is not None and val_loss <= self.best_val_loss:
+                ckpt.write_pointer(self.ckpt_root / "best", tag)
+            ckpt.prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep_last)
+        self.backend.barrier()
+        return final
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.backend.world_size
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.is_main and cfg.log.progress),
+                   desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
+        train_loss = val_loss = None
+        last_checkpoint = None
+        interval_s, interval_steps = 0.0, 0  # training time since the last log row, eval excluded
+        while self.step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            micro_batches = [self.train_split.batch(self.sampler.next_indices()) for _ in range(cfg.train.grad_accum)]
+            data_s = time.perf_counter() - t0
+            log_now = (self.step + 1) % cfg.log.every == 0 or self.step + 1 == cfg.train.max_steps
+            stats = self.backend.train_step(micro_batches, timed=log_now)
+            self.step += 1
+            step_s = time.perf_counter() - t0
+            interval_s, interval_steps = interval_s + step_s, interval_steps + 1
+            bar.update(1)
+            eval_now = self._due(cfg.eval.every)
+            val_loss = self.evaluate() if eval_now else None
+            if log_now or eval_now:
+                train_loss = stats.loss.item()
+                samples_per_s = interval_steps * self.samples_per_step / interval_s
+                interval_s, interval_steps = 0.0, 0
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{stats.lr:.2e}", samples_per_s=f"{samples_per_s:.0f}", refresh=False)
+                if self.is_main:
+                    self.loss_log.write({
+                        "step": self.step, "epoch": self.sampler.epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "lr": stats.lr, "grad_norm": None if stats.grad_norm is None else stats.grad_norm.item(),
+                        "samples_per_s": samples_per_s, "loss_scale": stats.loss_scale, "skipped_steps": int(stats.skipped),
+                    })
+                    self.timing_log.write({
+                        "step": self.step, "data_s": data_s, "forward_s": stats.forward_s, "backward_s": stats.backward_s,
+                        "optimizer_s": stats.optimizer_s, "step_s": step_s,
+                    })
+            if val_loss is not None:
+                self.say(f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+            if self._due(cfg.checkpoint.every):
+                last_checkpoint = self.save_checkpoint(val_loss)
+                if val_loss is not None:
+                    self.best_val_loss = min(self.best_val_loss, val_loss)
+        bar.close()
+        return self._finish(train_loss, val_loss, last_checkpoint)
+
+    def _finish(self, train_loss, val_loss, last_checkpoint) -> TrainResult:
+        exact = None
+        if self.val_split is not None:
+            matches, n = caption_matches(self.backend.module, self.val_split, self.tokenizer,
+                                         self.backend.rank, self.backend.world_size)
+            total = self.backend.all_reduce_sum(torch.tensor([matches, n], dtype=torch.float64, device=self.backend.device))
+            exact = (total[0] / total[1]).item()
+        if self.is_main:
+            if (self.run_dir / "losses_log.csv").is_file() and self.step > 0:
+                plot_run(self.run_dir)
+            parts = [f"done: {self.step} steps"]
+            if val_loss is not None:
+                parts.append(f"val loss {val_loss:.4f}")
+            if exact is not None:
+                parts.append(f"caption exact match {exact:.3f} on {len(self.val_split)} held-out rows")
+            self.say("; ".join(parts))
+            self.say(f"run folder: {self.run_dir}  (checkpoint: {last_checkpoint or 'none'})")
+        return TrainResult(self.run_dir, self.step, train_loss, val_loss, exact, last_checkpoint)
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train as configured; the single entry point used by the CLI and the tests."""
+    return Trainer(cfg).run()
