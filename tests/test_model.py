@@ -1,0 +1,192 @@
+"""SeemoreVLM: shapes, causality, the loss mask, KV-cache generation, parameter and FLOP counts, size checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seemore_ds.config import ModelConfig, load_config
+from seemore_ds.data.dataset import tokenize_captions
+from seemore_ds.errors import UserError
+from seemore_ds.model import IGNORE_INDEX, SeemoreVLM
+from seemore_ds.tokenizer import CharTokenizer
+
+TINY = ModelConfig(img_size=16, patch_size=8, image_embed_dim=32, num_blks=1, n_embd=32, n_layer=1, n_head=2,
+                   max_caption_len=10)
+VOCAB = 12
+BOS, EOS = 1, 2
+
+
+def tiny_model(vocab: int = VOCAB, **changes) -> SeemoreVLM:
+    torch.manual_seed(0)
+    return SeemoreVLM(dataclasses.replace(TINY, **changes), vocab).eval()
+
+
+def random_images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def random_ids(n: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("image_tokens, n_image_tokens", [("patches", 1 + 4), ("cls", 1)])
+def test_output_shapes(image_tokens, n_image_tokens):
+    model = tiny_model(image_tokens=image_tokens)
+    images, ids = random_images(3), random_ids(3, TINY.max_caption_len + 1)
+
+    logits, loss = model(images, ids, ids)
+
+    assert model.num_image_tokens == n_image_tokens
+    assert model.encode_images(images).shape == (3, n_image_tokens, TINY.n_embd)
+    # Logits cover the text positions only: image positions predict nothing.
+    assert logits.shape == (3, model.text_len, VOCAB)
+    assert loss.shape == () and torch.isfinite(loss)
+    assert model(images, ids)[1] is None
+
+
+def test_a_future_token_cannot_change_earlier_logits():
+    model = tiny_model()
+    images, ids = random_images(2), random_ids(2, TINY.max_caption_len + 1)
+    logits, _ = model(images, ids)
+    for j in (0, 4, ids.shape[1] - 1):
+        changed = ids.clone()
+        changed[:, j] = (ids[:, j] - 4 + 1) % (VOCAB - 4) + 4  # another ordinary character
+        new_logits, _ = model(images, changed)
+        torch.testing.assert_close(new_logits[:, :j], logits[:, :j], rtol=0, atol=1e-6)
+        assert not torch.allclose(new_logits[:, j], logits[:, j]), f"the token at {j} should matter from there on"
+
+
+def test_every_text_position_sees_the_image():
+    model = tiny_model()
+    ids = random_ids(1, TINY.max_caption_len + 1)
+    first, _ = model(random_images(1, seed=0), ids)
+    second, _ = model(random_images(1, seed=1), ids)
+    assert not torch.allclose(first[:, 0], second[:, 0])
+
+
+def test_loss_counts_caption_and_eos_only():
+    captions = ["ab", "abcab", "c"]
+    tokenizer = CharTokenizer.from_captions(captions)
+    model = tiny_model(vocab=tokenizer.vocab_size)
+    input_ids, targets = tokenize_captions(captions, tokenizer, model.text_len)
+    images = random_images(len(captions))
+
+    logits, loss = model(images, input_ids, targets)
+
+    counted = targets != IGNORE_INDEX
+    assert counted.sum(dim=1).tolist() == [len(c) + 1 for c in captions]  # every character and <eos>
+    torch.testing.assert_close(loss, F.cross_entropy(logits[counted], targets[counted]))
+
+    # Whatever sits at the padding positions cannot change the loss.
+    scribbled = input_ids.clone()
+    for row, caption in enumerate(captions):
+        scribbled[row, len(caption) + 1:] = tokenizer.encode("c")[0]
+    _, loss_scribbled = model(images, scribbled, targets)
+    torch.testing.assert_close(loss_scribbled, loss, rtol=0, atol=1e-6)
+
+
+def scrambled_model(image_tokens: str) -> SeemoreVLM:
+    """Large random weights in float64, so greedy captions vary with image and position and have no near-ties."""
+    model = tiny_model(image_tokens=image_tokens).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("image_tokens", ["patches", "cls"])
+def test_kv_cache_generation_equals_full_recompute(image_tokens):
+    model = scrambled_model(image_tokens)
+    images = random_images(4, seed=1)
+
+    with_cache = model.generate(images, BOS, EOS, use_cache=True)
+    without_cache = model.generate(images, BOS, EOS, use_cache=False)
+
+    assert with_cache == without_cache
+    assert any(len(set(row)) > 1 for row in with_cache), "captions should not be one repeated token"
+
+
+@pytest.mark.parametrize("image_tokens", ["patches", "cls"])
+def test_kv_cache_sampling_equals_full_recompute(image_tokens):
+    model = scrambled_model(image_tokens)
+    images = random_images(4, seed=2)
+    sample = dict(temperature=1.0, top_k=5)
+
+    with_cache = model.generate(images, BOS, EOS, use_cache=True, generator=torch.Generator().manual_seed(3), **sample)
+    without_cache = model.generate(images, BOS, EOS, use_cache=False, generator=torch.Generator().manual_seed(3), **sample)
+
+    assert with_cache == without_cache
+
+
+def model_that_favours_eos(logit: float) -> SeemoreVLM:
+    model = tiny_model()
+    with torch.no_grad():
+        model.decoder.lm_head.weight.zero_()
+        model.decoder.lm_head.bias.zero_()
+        model.decoder.lm_head.bias[EOS] = logit
+    return model
+
+
+def test_generation_stops_at_eos():
+    model = model_that_favours_eos(10.0)
+    decoder_calls = []
+    model.decoder.register_forward_hook(lambda *_: decoder_calls.append(1))
+
+    captions = model.generate(random_images(3), BOS, EOS)
+
+    assert captions == [[], [], []]
+    assert len(decoder_calls) == 1, "once every caption has ended, no more tokens are computed"
+
+
+def test_rows_end_independently_and_never_show_eos():
+    model = model_that_favours_eos(2.0)  # <eos> drawn with probability ~0.4 at each step
+    captions = model.generate(random_images(8), BOS, EOS, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    lengths = [len(c) for c in captions]
+    assert all(EOS not in c for c in captions)
+    assert len(set(lengths)) > 1
+    assert max(lengths) <= model.text_len
+
+
+def test_max_new_tokens_bounds_the_caption():
+    model = scrambled_model("patches")
+    captions = model.generate(random_images(4), BOS, EOS, max_new_tokens=3)
+    assert all(len(c) <= 3 for c in captions)
+
+
+def test_num_params_is_the_sum_of_parameter_sizes():
+    model = tiny_model()
+    assert model.num_params() == sum(p.numel() for p in model.parameters()) > 0
+    assert tiny_model(n_embd=64).num_params() > model.num_params()
+
+
+@pytest.mark.parametrize("change", [
+    dict(n_embd=64), dict(n_layer=2), dict(num_blks=2), dict(image_embed_dim=64), dict(img_size=32),
+    dict(max_caption_len=20),
+])
+def test_flops_per_sample_grows_with_every_size(change):
+    base = tiny_model().flops_per_sample()
+    assert isinstance(base, int) and base > 0
+    assert tiny_model(**change).flops_per_sample() > base
+
+
+def test_flops_count_more_decoder_tokens_with_patches_than_cls():
+    assert tiny_model(image_tokens="patches").flops_per_sample() > tiny_model(image_tokens="cls").flops_per_sample()
+
+
+@pytest.mark.parametrize("overrides, names", [
+    (["model.n_embd=30", "model.n_head=4", "model.image_embed_dim=32"], ("model.n_embd", "model.n_head")),
+    (["model.img_size=20", "model.patch_size=8"], ("model.img_size", "model.patch_size")),
+    (["model.image_embed_dim=30", "model.n_head=4", "model.n_embd=32"], ("model.image_embed_dim", "model.n_head")),
+    (["model.n_head=0"], ("model.n_head",)),
+])
+def test_impossible_sizes_are_config_errors(overrides, names):
+    with pytest.raises(UserError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    for name in names:
+        assert name in message
