@@ -56,7 +56,7 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CharTokenizer":
-        if data.get("type") != "char" or data.get("specials") != list(SPECIALS) or not isinstance(data.get("chars"), list):
+        if not isinstance(data, dict) or data.get("type") != "char" or data.get("specials") != list(SPECIALS) or not isinstance(data.get("chars"), list):
             raise UserError("tokenizer JSON is not a seemore-ds character tokenizer")
         return cls(data["chars"])
 
