@@ -60,9 +60,10 @@ def generate_captions(model: SeemoreVLM, images: torch.Tensor, tokenizer: CharTo
 
 
 def caption_matches(model: SeemoreVLM, split: TokenizedSplit, tokenizer: CharTokenizer, rank: int = 0,
-                    world_size: int = 1, batch_size: int = 64) -> tuple[int, int]:
-    """(rows whose greedy caption equals the reference exactly, rows checked) on this rank's share."""
-    indices = torch.arange(rank, len(split), world_size)
+                    world_size: int = 1, batch_size: int = 64, max_rows: int = 0) -> tuple[int, int]:
+    """(rows whose greedy caption equals the reference exactly, rows checked) on this rank's share
+    of the first ``max_rows`` rows (0: all)."""
+    indices = torch.arange(rank, min(len(split), max_rows or len(split)), world_size)
     predicted = generate_captions(model, split.images[indices], tokenizer, batch_size)
     references = [split.data.captions[i] for i in indices.tolist()]
     return sum(p == r for p, r in zip(predicted, references)), len(references)

@@ -137,10 +137,20 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return self.step == self.cfg.train.max_steps or (every > 0 and self.step % every == 0)
 
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> tuple[float | None, float | None]:
+        """(val loss, caption exact match) on up to eval.max_batches batches of the held-out split."""
         if self.val_split is None:
-            return None
-        return split_loss(self.backend, self.val_split, self.cfg.train.batch_size, self.cfg.eval.max_batches)
+            return None, None
+        batch_size, max_batches = self.cfg.train.batch_size, self.cfg.eval.max_batches
+        loss = split_loss(self.backend, self.val_split, batch_size, max_batches)
+        return loss, self.exact_match(max_rows=batch_size * max_batches)
+
+    def exact_match(self, max_rows: int = 0) -> float:
+        """Fraction of held-out rows (the first ``max_rows``; 0: all) captioned exactly right, over all ranks."""
+        matches, n = caption_matches(self.backend.module, self.val_split, self.tokenizer,
+                                     self.backend.rank, self.backend.world_size, max_rows=max_rows)
+        total = self.backend.all_reduce_sum(torch.tensor([matches, n], dtype=torch.float64, device=self.backend.device))
+        return (total[0] / total[1]).item()
 
     def save_checkpoint(self, val_loss: float | None) -> Path:
         """Every rank writes its part into a staging folder; rank 0 publishes it when all are done."""
@@ -193,7 +203,7 @@ class Trainer:
             interval_s, interval_steps = interval_s + step_s, interval_steps + 1
             bar.update(1)
             eval_now = self._due(cfg.eval.every)
-            val_loss = self.evaluate() if eval_now else None
+            val_loss, val_exact = self.evaluate() if eval_now else (None, None)
             if log_now or eval_now:
                 train_loss = stats.loss.item()
                 samples_per_s = interval_steps * self.samples_per_step / interval_s
@@ -203,14 +213,15 @@ class Trainer:
                     self.loss_log.write({
                         "step": self.step, "epoch": self.sampler.epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "lr": stats.lr, "grad_norm": None if stats.grad_norm is None else stats.grad_norm.item(),
-                        "samples_per_s": samples_per_s, "loss_scale": stats.loss_scale, "skipped_steps": int(stats.skipped),
+                        "samples_per_s": samples_per_s, "val_exact_match": val_exact, "loss_scale": stats.loss_scale, "skipped_steps": int(stats.skipped),
                     })
                     self.timing_log.write({
                         "step": self.step, "data_s": data_s, "forward_s": stats.forward_s, "backward_s": stats.backward_s,
                         "optimizer_s": stats.optimizer_s, "step_s": step_s,
                     })
             if val_loss is not None:
-                self.say(f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+                self.say(f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                         f"caption exact match {val_exact:.3f}")
             if self._due(cfg.checkpoint.every):
                 last_checkpoint = self.save_checkpoint(val_loss)
                 if val_loss is not None:
@@ -219,12 +230,7 @@ class Trainer:
         return self._finish(train_loss, val_loss, last_checkpoint)
 
     def _finish(self, train_loss, val_loss, last_checkpoint) -> TrainResult:
-        exact = None
-        if self.val_split is not None:
-            matches, n = caption_matches(self.backend.module, self.val_split, self.tokenizer,
-                                         self.backend.rank, self.backend.world_size)
-            total = self.backend.all_reduce_sum(torch.tensor([matches, n], dtype=torch.float64, device=self.backend.device))
-            exact = (total[0] / total[1]).item()
+        exact = self.exact_match() if self.val_split is not None else None
         if self.is_main:
             if (self.run_dir / "losses_log.csv").is_file() and self.step > 0:
                 plot_run(self.run_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-LOSS_COLUMNS = ["step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "samples_per_s", "loss_scale", "skipped_steps"]
+LOSS_COLUMNS = ["step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "samples_per_s", "val_exact_match", "loss_scale", "skipped_steps"]
 TIMING_COLUMNS = ["step", "data_s", "forward_s", "backward_s", "optimizer_s", "step_s"]
 
 
