@@ -1,0 +1,135 @@
+"""Training samples/s of seemore-ds beside the straightforward loop, at seemore's default sizes.
+
+    python -m bench.throughput [--steps 12] [--rounds 3] [--batch-size 16]
+
+Both loops train the same sizes (img_size 96, patch_size 16, image_embed_dim 512, num_blks 3,
+n_embd 128, n_layer 8, n_head 8, captions of at most 32 characters) on the same images. The
+loops take turns in rounds so that machine noise hits both alike; each prints one JSON line and
+the ratios come from the same run. Ends with a Markdown table for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from PIL import Image
+
+from bench.straightforward import Base64CaptionDataset, StraightforwardVLM
+from seemore_ds.backends.torch_backend import TorchBackend
+from seemore_ds.config import Config, validate
+from seemore_ds.data.csv_reader import encode_png_base64
+from seemore_ds.data.dataset import CaptionData, ResumableSampler, TokenizedSplit
+from seemore_ds.data.images import to_rgb_array
+from seemore_ds.data.synthetic import synthetic_dataset
+from seemore_ds.model import SeemoreVLM
+from seemore_ds.tokenizer import CharTokenizer
+
+SEEMORE_SIZES = dict(img_size=96, patch_size=16, image_embed_dim=512, num_blks=3, n_embd=128, n_layer=8, n_head=8,
+                     dropout=0.1, max_caption_len=32)
+
+
+def seemore_config(batch_size: int, precision: str, image_tokens: str) -> Config:
+    cfg = Config()
+    for key, value in SEEMORE_SIZES.items():
+        setattr(cfg.model, key, value)
+    cfg.model.image_tokens = image_tokens
+    cfg.train.batch_size, cfg.train.precision, cfg.train.backend, cfg.train.device = batch_size, precision, "torch", "cpu"
+    validate(cfg)
+    return cfg
+
+
+class OurLoop:
+    """seemore-ds as the trainer runs it: decoded-once uint8 images, index batches, TorchBackend."""
+
+    def __init__(self, cfg: Config, data: CaptionData, tokenizer: CharTokenizer):
+        torch.manual_seed(0)
+        self.backend = TorchBackend(SeemoreVLM(cfg.model, tokenizer.vocab_size), cfg)
+        self.split = TokenizedSplit(data, tokenizer, self.backend.module.text_len)
+        self.sampler = ResumableSampler(len(data), cfg.train.batch_size, seed=0)
+
+    def step(self) -> float:
+        stats = self.backend.train_step([self.split.batch(self.sampler.next_indices())], timed=False)
+        return stats.loss.item()
+
+
+class StraightforwardLoop:
+    """The notebook's loop: per-head attention modules, base64 decoded in every __getitem__."""
+
+    def __init__(self, data: CaptionData, tokenizer: CharTokenizer, batch_size: int):
+        torch.manual_seed(0)
+        split = TokenizedSplit(data, tokenizer, SEEMORE_SIZES["max_caption_len"] + 1)
+        pngs = [encode_png_base64(_to_pil(img)) for img in data.images]
+        dataset = Base64CaptionDataset(pngs, split.input_ids, split.targets, SEEMORE_SIZES["img_size"])
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+        self.batches = iter(self.loader)
+        sizes = {k: v for k, v in SEEMORE_SIZES.items() if k != "max_caption_len"}
+        self.model = StraightforwardVLM(**sizes, vocab_size=tokenizer.vocab_size, block_size=split.input_ids.shape[1])
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+
+    def step(self) -> float:
+        try:
+            images, input_ids, targets = next(self.batches)
+        except StopIteration:
+            self.batches = iter(self.loader)
+            images, input_ids, targets = next(self.batches)
+        self.model.train()
+        loss = self.model(images, input_ids, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def _to_pil(chw_uint8: torch.Tensor) -> Image.Image:
+    return Image.fromarray(chw_uint8.permute(1, 2, 0).numpy())
+
+
+def bench_data(n: int) -> tuple[CaptionData, CharTokenizer]:
+    pil_images, captions = synthetic_dataset(n, seed=0, size_px=SEEMORE_SIZES["img_size"])
+    captions = [c[: SEEMORE_SIZES["max_caption_len"]].strip() for c in captions]
+    images = torch.stack([torch.from_numpy(to_rgb_array(img, SEEMORE_SIZES["img_size"])) for img in pil_images])
+    return CaptionData(images, captions, "bench"), CharTokenizer.from_captions(captions)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per loop per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+
+    data, tokenizer = bench_data(max(512, args.batch_size * 8))
+    loops = {
+        "straightforward fp32": StraightforwardLoop(data, tokenizer, args.batch_size),
+        "seemore-ds fp32 (cls token)": OurLoop(seemore_config(args.batch_size, "fp32", "cls"), data, tokenizer),
+        "seemore-ds bf16 (cls token)": OurLoop(seemore_config(args.batch_size, "bf16", "cls"), data, tokenizer),
+        "seemore-ds fp32 (patch tokens)": OurLoop(seemore_config(args.batch_size, "fp32", "patches"), data, tokenizer),
+    }
+    elapsed = dict.fromkeys(loops, 0.0)
+    for loop in loops.values():  # warm-up: allocator, kernels, first-batch costs
+        for _ in range(2):
+            loop.step()
+    for _ in range(args.rounds):
+        for name, loop in loops.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                loop.step()
+            elapsed[name] += time.perf_counter() - start
+
+    samples = args.steps * args.rounds * args.batch_size
+    rates = {name: samples / seconds for name, seconds in elapsed.items()}
+    base = rates["straightforward fp32"]
+    for name, rate in rates.items():
+        print(json.dumps({"bench": "train_samples_per_s", "loop": name, "batch_size": args.batch_size,
+                          "samples_per_s": round(rate, 2), "ratio_vs_straightforward": round(rate / base, 3)}))
+    print(f"\n| loop (batch {args.batch_size}, {torch.get_num_threads()} threads) | samples/s | × straightforward |")
+    print("|---|---:|---:|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.1f} | {rate / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
