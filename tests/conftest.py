@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +40,8 @@ class CLI:
 
     def __call__(self, *args, cwd: Path, timeout_s: float = 600) -> subprocess.CompletedProcess:
         env = dict(os.environ)
+        # Many small processes on few shared cores: one thread each avoids oversubscription.
+        env.setdefault("OMP_NUM_THREADS", "1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         return subprocess.run(
             [sys.executable, "-m", "seemore_ds", *map(str, args)],
@@ -67,6 +70,15 @@ class CLI:
 @pytest.fixture(scope="session")
 def cli() -> CLI:
     return CLI()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread than on several contending for shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -184,8 +184,8 @@ def test_transparency_is_composited_on_white(tmp_path):
 
 def test_16_bit_grey_keeps_its_grey_levels(tmp_path):
     """A 16-bit greyscale PNG at half intensity should look mid-grey, not white."""
-    half = decode_one(tmp_path, encode(Image.new("I;16", (20, 20), 32768)))
-    assert abs(half.mean() - 128) <= 2, f"got grey level {half.mean():.0f} for a 50% grey 16-bit image"
+    grey = float(decode_one(tmp_path, encode(Image.new("I;16", (20, 20), 32768))).mean())
+    assert abs(grey - 128) <= 2, f"got grey level {grey:.0f} for a 50% grey 16-bit image"
 
 
 # --- bad rows ---------------------------------------------------------------------------------
@@ -356,11 +356,7 @@ def test_on_bad_row_error_stops_the_cli_with_one_line(cli, tiny, tmp_path):
     assert not (tmp_path / "runs" / "csv").exists()
 
 
-@pytest.mark.parametrize("header, rows, says", [
-    (["image", "text"], [["x", "y"]], "no 'b64string_images' and no 'caption' column"),
-    (["b64string_images", "caption"], [["@@@", "a"], ["", "b"]], "has no usable rows"),
-])
-def test_an_unusable_csv_stops_the_cli_with_one_line(cli, tiny, tmp_path, header, rows, says):
-    write_csv(tmp_path / "captions.csv", header, rows)
+def test_a_csv_without_the_columns_stops_the_cli_with_one_line(cli, tiny, tmp_path):
+    write_csv(tmp_path / "captions.csv", ["image", "text"], [["x", "y"]])
     result = cli("train", *tiny, "data.csv=captions.csv", "run.output_dir=runs/csv", cwd=tmp_path)
-    cli.user_error(result, says)
+    cli.user_error(result, "captions.csv has no 'b64string_images' and no 'caption' column")

@@ -19,6 +19,8 @@ TINY = ModelConfig(img_size=16, patch_size=8, image_embed_dim=32, num_blks=1, n_
 VOCAB = 12
 BOS, EOS = 1, 2
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def tiny_model(vocab: int = VOCAB, **changes) -> SeemoreVLM:
     torch.manual_seed(0)
