@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import struct
 import zlib
 
@@ -332,20 +333,33 @@ def csv_with_bad_rows(path, n_good: int = 24):
     return write_csv(path, ["", "b64string_images", "caption"], rows)
 
 
-def test_training_on_a_csv_reports_bad_rows_on_the_console_and_in_bad_rows_csv(cli, tiny, tmp_path):
-    csv_with_bad_rows(tmp_path / "captions.csv")
-    result = cli.ok(cli("train", *tiny, "data.csv=captions.csv", "train.max_steps=1", "run.output_dir=runs/csv",
-                        cwd=tmp_path))
+@pytest.fixture(scope="module")
+def csv_run(cli, tiny, tmp_path_factory):
+    """One training step on a CSV with three bad rows, from the folder that holds the CSV."""
+    work = tmp_path_factory.mktemp("csv_user")
+    csv_with_bad_rows(work / "captions.csv")
+    result = cli.ok(cli("train", *tiny, "data.csv=captions.csv", "train.max_steps=1", "run.output_dir=runs/csv", cwd=work))
+    return work / "runs" / "csv", result
 
+
+def test_training_on_a_csv_reports_bad_rows_on_the_console_and_in_bad_rows_csv(csv_run):
+    run, result = csv_run
     assert "3 rows skipped (2 not valid base64, 1 empty caption)" in result.stdout
     assert "24 rows used" in result.stdout
-    with open(tmp_path / "runs" / "csv" / "bad_rows.csv", newline="", encoding="utf-8") as handle:
+    with open(run / "bad_rows.csv", newline="", encoding="utf-8") as handle:
         reported = list(csv.DictReader(handle))
     assert reported == [
         {"row": "4", "reason": "not valid base64"},
         {"row": "8", "reason": "empty caption"},
         {"row": "10", "reason": "not valid base64"},
     ]
+
+
+def test_a_csv_trained_run_can_be_evaluated_from_another_folder(cli, csv_run, tmp_path):
+    """The run folder's config.yaml must still find the training CSV when the user has moved on."""
+    run, _ = csv_run
+    result = cli.ok(cli("eval", "--checkpoint", run, "--json", cwd=tmp_path))
+    assert json.loads(result.stdout)["n"] == 2  # round(24 x 0.1) held-out rows
 
 
 def test_on_bad_row_error_stops_the_cli_with_one_line(cli, tiny, tmp_path):
