@@ -19,11 +19,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 # A model of a few thousand parameters on 16x16 images; a step takes milliseconds.
-TINY_MODEL = [
+TINY = [
     "model.img_size=16", "model.patch_size=8", "model.image_embed_dim=32", "model.n_embd=32",
     "model.n_layer=1", "model.num_blks=1", "model.n_head=2",
-]
-TINY = TINY_MODEL + [
     "data.synth_n=32", "train.batch_size=8", "train.backend=torch", "train.device=cpu", "log.progress=false",
 ]
 # The shared run: every step logged, evaluated and checkpointed. lr=0.3 makes the validation loss
@@ -34,7 +32,6 @@ TINY_RUN = TINY + [
 ]
 
 
-@dataclass
 class CLI:
     """``python -m seemore_ds ...`` in a subprocess, from a folder of the test's choosing."""
 
