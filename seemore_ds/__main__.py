@@ -19,6 +19,8 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m seemore_ds", description="Train and use the Seemore vision-language model.")
+    # The deepspeed launcher passes --local_rank=N before the command; accept it there too.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model (engine-free or under DeepSpeed)")
@@ -41,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="CSV to evaluate on (default: the run's own held-out split)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--batch-size", type=_positive_int, default=64)
+
+    export = commands.add_parser("export", help="consolidate a checkpoint (any ZeRO stage) into one fp32 model.safetensors")
+    export.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    export.add_argument("--out", required=True, help="output folder, or a path ending in .safetensors")
 
     plot = commands.add_parser("plot", help="write the PNG plots of a run folder")
     plot.add_argument("run_dir")
@@ -100,6 +106,13 @@ def cmd_eval(args) -> None:
             print(f"{result['skipped_rows']} rows skipped as unusable")
 
 
+def cmd_export(args) -> None:
+    from seemore_ds.export import export_checkpoint
+
+    weights = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {weights} (fp32) with config.yaml and tokenizer.json beside it")
+
+
 def cmd_plot(args) -> None:
     from seemore_ds.metrics.plots import plot_run
 
@@ -122,7 +135,8 @@ def cmd_data(args) -> None:
     print(f"wrote {args.n} captioned images to {args.out}" + (f" and PNGs to {args.png_dir}" if args.png_dir else ""))
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot, "data": cmd_data}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot, "data": cmd_data,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,228 @@
+"""The DeepSpeed engine backend: ZeRO 0-3, CPU offload, fp16/bf16, engine-native sharded checkpoints.
+
+Works under the ``deepspeed`` launcher (one process per rank) and as a single process. The JSON
+config is resolved against the YAML in ``ds_config`` before the engine exists, identically on
+every rank, so a bad config ends every rank with the same one-line error.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from seemore_ds.backends.base import StepStats
+from seemore_ds.backends.ds_config import ds_config_for
+from seemore_ds.config import Config
+from seemore_ds.data.dataset import Batch
+from seemore_ds.errors import UserError
+from seemore_ds.evaluation import token_loss_sum
+from seemore_ds.model import SeemoreVLM
+from seemore_ds.optim import lr_multiplier, param_groups
+
+CLIENT_STATE_FILE = "client_state_rank{rank}.pt"  # DeepSpeed keeps only rank 0's client_state
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare_environment(device: str = "auto") -> None:
+    """Pick DeepSpeed's CPU accelerator when there is no GPU, and fake a one-rank world without a launcher.
+
+    Must run before ``deepspeed`` is imported: the accelerator is chosen at import time.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    if "DS_ACCELERATOR" not in os.environ and (device == "cpu" or not torch.cuda.is_available()):
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if "WORLD_SIZE" not in os.environ:  # not launched: deepspeed.init_distributed would look for MPI
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def checkpoint_meta(checkpoint_dir: Path, rank: int = 0) -> dict:
+    """What this backend wrote beside DeepSpeed's files for ``rank``: client_state, world_size, zero_stage."""
+    return torch.load(checkpoint_dir / CLIENT_STATE_FILE.format(rank=rank), map_location="cpu", weights_only=True)
+
+
+def saved_world_size(checkpoint_dir: Path) -> int:
+    return len(list(checkpoint_dir.glob(CLIENT_STATE_FILE.format(rank="*"))))
+
+
+class DeepSpeedBackend:
+    def __init__(self, model: SeemoreVLM, cfg: Config):
+        # Resolved first, from files and environment only: every rank refuses a bad config alike.
+        self.ds_config, source = ds_config_for(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        prepare_environment(cfg.train.device)
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # the trainer does the talking
+        accelerator = get_accelerator()
+        if self.ds_config["fp16"]["enabled"] and not accelerator.is_fp16_supported():
+            raise UserError(f"fp16 ({source}, train.precision=fp16) is not supported on {accelerator.device_name()}; "
+                            f"use train.precision=bf16 (and \"bf16\": {{\"enabled\": \"auto\"}})")
+        if self.ds_config["bf16"]["enabled"] and not accelerator.is_bf16_supported():
+            raise UserError(f"bf16 is not supported on {accelerator.device_name()}; use train.precision=fp32")
+
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
+        self.zero_stage = self.ds_config["zero_optimization"]["stage"]
+        self.precision = cfg.train.precision
+        self.train_cfg = cfg.train
+
+        # A torch AdamW avoids the JIT build of DeepSpeed's fused_adam; a JSON "optimizer" block
+        # (needed for offload: DeepSpeedCPUAdam) is built by DeepSpeed instead.
+        optimizer = scheduler = None
+        if "optimizer" not in self.ds_config:
+            optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                          betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
+        if "scheduler" not in self.ds_config:
+            def scheduler(opt):
+                return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, cfg.train))
+
+        # ZeRO-3 partitions the model's parameters; evaluation and generation use a full copy
+        # (see _full_model) so that ranks with unequal work never wait on each other's all-gathers.
+        self._replica = copy.deepcopy(model) if self.zero_stage == 3 else None
+        self._replica_step = -1
+        try:
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                model_parameters=param_groups(model, cfg.train.weight_decay) if optimizer is None else None,
+                config=self.ds_config,
+            )
+        except ValueError as err:
+            if "fp16 is not supported" in str(err):
+                raise UserError("fp16 is not supported on this device (DeepSpeed's CPU accelerator); use train.precision=bf16") from None
+            raise
+        if self._replica is not None:
+            self._replica.to(device=self.device, dtype=self._engine_dtype())
+
+    def _engine_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The bare SeemoreVLM with the current weights; under ZeRO-3 a gathered full copy.
+
+        Under ZeRO-3 this is a collective the first time after each step: every rank must ask.
+        """
+        return self._full_model() if self._replica is not None else self.engine.module
+
+    def _full_model(self) -> torch.nn.Module:
+        import deepspeed
+
+        if self._replica_step != self.engine.global_steps:
+            params = list(self.engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                with torch.no_grad():
+                    for full, partitioned in zip(self._replica.parameters(), params):
+                        full.copy_(partitioned.data)
+            self._replica_step = self.engine.global_steps
+        return self._replica
+
+    def train_step(self, micro_batches: list[Batch], timed: bool) -> StepStats:
+        engine = self.engine
+        engine.train()
+        forward_s = backward_s = optimizer_s = 0.0
+        total_loss = torch.zeros((), device=self.device)
+        skipped_before = engine.skipped_steps
+        lr = engine.get_lr()[0]  # the rate this step uses; the scheduler moves on inside engine.step()
+        grad_norm = None
+        for i, batch in enumerate(micro_batches):
+            batch = batch.to(self.device)
+            t0 = self._sync(timed)
+            _, loss = engine(batch.images, batch.input_ids, batch.targets)
+            t1 = self._sync(timed)
+            engine.backward(loss)  # divides by gradient_accumulation_steps itself
+            t2 = self._sync(timed)
+            if i == len(micro_batches) - 1 and not hasattr(engine.optimizer, "_global_grad_norm"):
+                grad_norm = self._grad_norm()  # plain fp32 data parallelism: the engine clips but keeps no norm
+            engine.step()  # an optimizer step only at the accumulation boundary
+            t3 = self._sync(timed)
+            forward_s, backward_s, optimizer_s = forward_s + t1 - t0, backward_s + t2 - t1, optimizer_s + t3 - t2
+            total_loss += loss.detach().float()
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+        return StepStats(
+            loss=total_loss / len(micro_batches),
+            grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32),
+            lr=lr, forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s,
+            skipped=engine.skipped_steps != skipped_before, loss_scale=self._loss_scale(),
+        )
+
+    def _grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+    def _sync(self, timed: bool) -> float:
+        if timed and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _loss_scale(self) -> float | None:
+        if self.precision != "fp16":
+            return None
+        optimizer = self.engine.optimizer
+        scale = getattr(optimizer, "cur_scale", None) or getattr(optimizer, "loss_scale", None)
+        return None if scale is None else float(scale)
+
+    def eval_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._replica is not None:
+            model = self._full_model()
+            model.eval()
+            return token_loss_sum(model, batch.to(self.device))
+        self.engine.eval()
+        return token_loss_sum(self.engine, batch.to(self.device))
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._replica is not None:
+            self._full_model()  # a rank with no eval batch joins the gather the others made in eval_loss
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def save(self, checkpoint_dir: Path, client_state: dict) -> None:
+        """DeepSpeed's sharded checkpoint in ``checkpoint_dir`` plus this rank's own client_state file."""
+        torch.save({"client_state": client_state, "world_size": self.world_size, "zero_stage": self.zero_stage,
+                    "precision": self.precision},
+                   checkpoint_dir / CLIENT_STATE_FILE.format(rank=self.rank))
+        self.engine.save_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name,
+                                    client_state=client_state, save_latest=False)
+
+    def load(self, checkpoint_dir: Path) -> dict:
+        """Refuses, on every rank alike, a checkpoint of another backend, rank count or ZeRO stage."""
+        n_saved = saved_world_size(checkpoint_dir)
+        if n_saved == 0:
+            raise UserError(f"{checkpoint_dir} holds no {CLIENT_STATE_FILE.format(rank=0)}: not a checkpoint of the "
+                            f"deepspeed backend; resume it with train.backend=torch")
+        meta = checkpoint_meta(checkpoint_dir, 0)
+        if n_saved != self.world_size or meta["world_size"] != self.world_size:
+            raise UserError(
+                f"{checkpoint_dir} was written by {meta['world_size']} rank(s), this run has {self.world_size}; "
+                f"resume with the same count: deepspeed --num_gpus {meta['world_size']} --module seemore_ds train ... "
+                f"(seemore-ds does not load DeepSpeed universal checkpoints; to start over on {self.world_size} rank(s) "
+                f"from these weights: python -m seemore_ds export --checkpoint {checkpoint_dir} --out DIR)"
+            )
+        if meta["zero_stage"] != self.zero_stage:
+            raise UserError(f"{checkpoint_dir} was written with ZeRO stage {meta['zero_stage']}, the DeepSpeed config "
+                            f"says stage {self.zero_stage}; resume with a stage-{meta['zero_stage']} config")
+        own = checkpoint_meta(checkpoint_dir, self.rank)
+        path, _ = self.engine.load_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+        if path is None:
+            raise UserError(f"DeepSpeed found no checkpoint in {checkpoint_dir}")
+        self._replica_step = -1
+        return own["client_state"]

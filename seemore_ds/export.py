@@ -1,0 +1,78 @@
+"""Export: any checkpoint (DeepSpeed ZeRO 0-3 or torch backend) -> one fp32 model.safetensors folder.
+
+The folder holds ``model.safetensors``, ``config.yaml`` and ``tokenizer.json``, which is what
+``checkpoint.load_model_for_inference`` (and so ``generate`` and ``eval``) reads. DeepSpeed's own
+files are pickles, so export runs them through ``torch.load``: export only checkpoints you trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from seemore_ds.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, resolve_checkpoint
+from seemore_ds.config import load_config
+from seemore_ds.errors import UserError
+from seemore_ds.model import SeemoreVLM
+from seemore_ds.tokenizer import CharTokenizer
+
+STAGE0_MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint folder, whatever wrote it."""
+    if (folder / MODEL_FILE).is_file():  # the torch backend already writes safetensors
+        return load_file(str(folder / MODEL_FILE))
+    from seemore_ds.backends.deepspeed_backend import CLIENT_STATE_FILE, checkpoint_meta
+
+    if not (folder / CLIENT_STATE_FILE.format(rank=0)).is_file():
+        raise UserError(f"{folder} is not a seemore-ds checkpoint: it has neither {MODEL_FILE} nor "
+                        f"{CLIENT_STATE_FILE.format(rank=0)}")
+    stage = checkpoint_meta(folder)["zero_stage"]
+    if stage == 0:
+        return _stage0_weights(folder)
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # ZeRO 1-3 keep the fp32 master weights flattened and partitioned in the optimizer shards.
+    with contextlib.redirect_stdout(sys.stderr):  # its progress chatter is not the command's output
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    return {name: tensor.float() for name, tensor in state.items()}
+
+
+def _stage0_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Stage 0 has no partitioned master copy; its weights are the ``module`` entry of rank 0's model states.
+
+    Under bf16 at stage 0 these are the bf16 working weights (upcast here); under fp32 they are exact.
+    """
+    states = torch.load(folder / STAGE0_MODEL_STATES, map_location="cpu", weights_only=False)
+    return {name: tensor.float() for name, tensor in states["module"].items()}
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the consolidated fp32 weights plus config and tokenizer; returns the weights file."""
+    folder = resolve_checkpoint(checkpoint)
+    out = Path(out)
+    weights = out if out.suffix == ".safetensors" else out / MODEL_FILE
+    for name in (CONFIG_FILE, TOKENIZER_FILE):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder} has no {name}; point --checkpoint at a checkpoint folder of a seemore-ds run")
+    state = fp32_state_dict(folder)
+    cfg = load_config(str(folder / CONFIG_FILE))
+    model = SeemoreVLM(cfg.model, CharTokenizer.load(folder / TOKENIZER_FILE).vocab_size)
+    try:  # refuse to write weights that the inference path could not load
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{folder}: consolidated weights do not fit {folder / CONFIG_FILE}: {str(err).splitlines()[0]}") from None
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    for name in (CONFIG_FILE, TOKENIZER_FILE):
+        shutil.copyfile(folder / name, weights.parent / name)
+    return weights
