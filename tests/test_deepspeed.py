@@ -1,0 +1,272 @@
+"""The DeepSpeed backend with the real engine and the real launcher: 2 CPU ranks over gloo.
+
+Two launches carry most of the suite (start-up and the one-time JIT builds are paid once):
+the first trains every scenario uninterrupted and, beside it, halfway with a checkpoint; the
+second resumes the halfway runs with train.resume=auto. The tests then compare losses_log.csv,
+export every resumed run and evaluate the exports with the CLI, as a user would.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from seemore_ds.__main__ import main
+from seemore_ds.backends.ds_config import resolve_ds_config
+from seemore_ds.config import load_config
+from seemore_ds.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+TINY = ["model.img_size=16", "model.patch_size=8", "model.image_embed_dim=32", "model.n_embd=32", "model.n_layer=1",
+        "model.num_blks=1", "model.n_head=2", "data.synth_n=64", "train.batch_size=4", "log.every=1",
+        "log.progress=false", "eval.every=0", "checkpoint.every=2"]
+HALF, FULL = 2, 4
+LAUNCH_TIMEOUT_S = 420  # generous: the first launch on a fresh machine JIT-builds shm_comm and cpu_adam
+
+# Configs as the Hugging Face Trainer (and LLaVA's scripts/) ship them, unchanged.
+HF_ZERO2 = {
+    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "bf16": {"enabled": "auto"},
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
+    "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+                          "reduce_bucket_size": "auto"},
+}
+HF_ZERO3 = {
+    **{k: v for k, v in HF_ZERO2.items() if k != "zero_optimization"},
+    "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+                          "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
+                          "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True},
+}
+HF_ZERO3_OFFLOAD = {
+    "fp16": HF_ZERO2["fp16"],
+    "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                 "warmup_num_steps": "auto"}},
+    "zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+        "offload_param": {"device": "cpu", "pin_memory": False}, "overlap_comm": True, "contiguous_gradients": True,
+        "sub_group_size": 1e9, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
+        "stage3_max_reuse_distance": 1e9, "gather_16bit_weights_on_model_save": True,
+    },
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "steps_per_print": 1e5,
+    "wall_clock_breakdown": False,
+}
+HF_WARMUP_DECAY = {**HF_ZERO2, "scheduler": {"type": "WarmupDecayLR", "params": {
+    "warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto", "total_num_steps": "auto"}}}
+
+# name -> (DeepSpeed config, extra overrides); every one trains 2 ranks, checkpoints, resumes, exports.
+SCENARIOS = {
+    "zero0": ("ds_configs/zero0.json", []),
+    "zero1": ("ds_configs/zero1.json", []),
+    "zero2_accum": ("ds_configs/zero2.json", ["train.grad_accum=2"]),
+    "zero3": ("ds_configs/zero3.json", []),
+    "zero2_offload": ("ds_configs/zero2_offload.json", []),
+    "hf_zero3_offload": ("HF_ZERO3_OFFLOAD", []),
+    "zero1_bf16": ("ds_configs/zero1.json", ["train.precision=bf16"]),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(plan: list[list[str]], tmp: Path, name: str, timeout_s: int = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run the plan's commands under ``deepspeed --num_gpus 2`` (CPU ranks); never hangs past the timeout."""
+    plan_file = tmp / f"{name}.json"
+    plan_file.write_text(json.dumps(plan))
+    # One thread per rank: two ranks share two cores.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "tests.ds_helpers", str(plan_file)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def cli(args: list[str], timeout_s: int = 300) -> subprocess.CompletedProcess:
+    """``python -m seemore_ds ARGS`` in a fresh process, as a user runs it."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "seemore_ds", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout_s)
+
+
+def loss_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "losses_log.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+@pytest.fixture(scope="module")
+def runs() -> Path:
+    """Every scenario trained uninterrupted (full/) and halfway-then-resumed (resumed/), in two launches."""
+    # Not under pytest's basetemp: a concurrent pytest session may prune it while these launches run.
+    tmp = Path(tempfile.mkdtemp(prefix="seemore-ds-test-"))
+    yield from _train_scenarios(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _train_scenarios(tmp: Path):
+    (tmp / "HF_ZERO3_OFFLOAD").write_text(json.dumps(HF_ZERO3_OFFLOAD, indent=2))
+
+    def train_args(name, steps, folder, *extra):
+        ds_config, overrides = SCENARIOS[name]
+        ds_config = str(tmp / ds_config) if ds_config.startswith("HF_") else ds_config
+        return ["train", *TINY, *overrides, *extra, f"train.max_steps={steps}", f"run.output_dir={tmp / name / folder}",
+                "--deepspeed_config", ds_config]
+
+    first = [train_args(n, FULL, "full") for n in SCENARIOS] + [train_args(n, HALF, "resumed") for n in SCENARIOS]
+    result = launch(first, tmp, "first")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    second = [train_args(n, FULL, "resumed", "train.resume=auto") for n in SCENARIOS]
+    result = launch(second, tmp, "second")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resuming from {tmp / 'zero3' / 'resumed' / 'checkpoints' / 'step_000002'} at step 2" in result.stdout
+    yield tmp
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_resumed_run_matches_uninterrupted(runs, name):
+    full, resumed = loss_rows(runs / name / "full"), loss_rows(runs / name / "resumed")
+    assert [int(r["step"]) for r in full] == [int(r["step"]) for r in resumed] == list(range(1, FULL + 1))
+    tolerance = 2e-2 if name.endswith("bf16") else 1e-4
+    for a, b in zip(full, resumed):
+        assert abs(float(a["train_loss"]) - float(b["train_loss"])) <= tolerance, (name, a, b)
+        assert float(a["grad_norm"]) > 0 and a["lr"] == b["lr"]
+    assert float(full[-1]["lr"]) > 0  # DeepSpeed's WarmupLR starts at warmup_min_lr=0
+    assert abs(float(full[-1]["val_loss"]) - float(resumed[-1]["val_loss"])) <= tolerance
+    assert all(r["skipped_steps"] == "0" and r["loss_scale"] == "" for r in full)  # no fp16: no scale, no skips
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_checkpoint_is_sharded_per_rank_and_export_matches_engine(runs, name, capsys, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    run_dir = runs / name / "resumed"
+    checkpoint = run_dir / "checkpoints" / f"step_{FULL:06d}"
+    assert sorted(p.name for p in checkpoint.glob("client_state_rank*.pt")) == ["client_state_rank0.pt", "client_state_rank1.pt"]
+    stage = int(name[4]) if name.startswith("zero") else 3
+    if stage > 0:  # each rank's optimizer shard
+        assert len(list(checkpoint.glob("*zero_pp_rank_1_*optim_states.pt"))) == 1
+    out = runs / name / "export"
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    assert {"model.safetensors", "config.yaml", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    engine_val = float(loss_rows(run_dir)[-1]["val_loss"])
+    # bf16: the engine evaluates its bf16 weights, the export holds the fp32 master weights.
+    tolerance = 2e-2 if name.endswith("bf16") else 1e-5
+    assert abs(exported["val_loss"] - engine_val) <= tolerance, (exported, engine_val)
+
+
+def test_hf_style_config_loads_unchanged_in_one_process(tmp_path):
+    """No launcher: the backend makes its own one-rank world; an all-"auto" HF config trains."""
+    config = tmp_path / "zero2.json"
+    config.write_text(json.dumps(HF_ZERO2, indent=4))
+    result = cli(["train", *TINY, "train.max_steps=2", "train.backend=deepspeed", f"run.output_dir={tmp_path / 'run'}",
+                  "--deepspeed_config", str(config)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DeepSpeedBackend on cpu x 1" in result.stdout
+    assert len(loss_rows(tmp_path / "run")) == 2
+
+
+def test_resume_on_other_rank_count_is_refused_with_the_command(runs):
+    result = cli(["train", *TINY, "train.max_steps=6", "train.resume=auto", "train.backend=deepspeed",
+                  f"run.output_dir={runs / 'zero1' / 'resumed'}", "--deepspeed_config", "ds_configs/zero1.json"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = error_lines(result.stderr)
+    assert "written by 2 rank(s), this run has 1" in line and "deepspeed --num_gpus 2" in line
+
+
+def test_fp16_on_cpu_ends_both_ranks_with_one_line(tmp_path):
+    plan = [["train", *TINY, "train.max_steps=2", "train.precision=fp16", f"run.output_dir={tmp_path / 'run'}",
+             "--deepspeed_config", "ds_configs/zero2.json"]]
+    result = launch(plan, tmp_path, "fp16", timeout_s=180)
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert lines and all("use train.precision=bf16" in line for line in lines)
+
+
+def write_json(tmp_path: Path, tree) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(tree) if not isinstance(tree, str) else tree)
+    return str(path)
+
+
+def run_cli_in_process(tmp_path, capsys, ds_config: str, *overrides) -> tuple[int, list[str]]:
+    code = main(["train", *TINY, "train.max_steps=1", "train.backend=deepspeed", f"run.output_dir={tmp_path / 'run'}",
+                 *overrides, "--deepspeed_config", ds_config])
+    return code, error_lines(capsys.readouterr().err)
+
+
+def test_contradicting_json_is_refused_naming_both(tmp_path, capsys):
+    ds = write_json(tmp_path, {**HF_ZERO2, "bf16": {"enabled": True}})
+    code, (line,) = run_cli_in_process(tmp_path, capsys, ds, "train.precision=fp32")
+    assert code == 2 and "bf16.enabled=true contradicts train.precision=fp32" in line
+
+
+def test_impossible_batch_triple_is_refused_with_the_fix(tmp_path, capsys):
+    ds = write_json(tmp_path, {**HF_ZERO2, "train_batch_size": 32})
+    code, (line,) = run_cli_in_process(tmp_path, capsys, ds)
+    assert code == 2 and "train_batch_size=32 cannot hold" in line and "train.grad_accum=8" in line
+
+
+def test_bad_json_names_file_and_line(tmp_path, capsys):
+    ds = write_json(tmp_path, '{\n  "zero_optimization": {"stage": 2,}\n}\n')
+    code, (line,) = run_cli_in_process(tmp_path, capsys, ds)
+    assert code == 2 and ds in line and "line 2" in line
+
+
+def test_hf_configs_resolve_every_auto_from_the_yaml():
+    cfg = load_config(None, ["model.n_embd=64", "train.batch_size=8", "train.grad_accum=2", "train.precision=bf16",
+                             "train.lr=3e-4", "train.max_steps=100", "train.warmup_steps=10"])
+    z3 = resolve_ds_config(HF_ZERO3, cfg, world_size=4)
+    assert (z3["train_micro_batch_size_per_gpu"], z3["gradient_accumulation_steps"], z3["train_batch_size"]) == (8, 2, 64)
+    assert z3["bf16"]["enabled"] is True and z3["fp16"]["enabled"] is False
+    zero = z3["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) \
+        == (4096, 3686, 640)
+    offload = resolve_ds_config(HF_ZERO3_OFFLOAD, cfg, world_size=1)
+    assert offload["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.05}
+    assert offload["gradient_clipping"] == 1.0
+    decay = resolve_ds_config(HF_WARMUP_DECAY, cfg, world_size=1)["scheduler"]["params"]
+    assert decay == {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-4, "warmup_num_steps": 10, "total_num_steps": 100}
+    for name in ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"):
+        with open(REPO / "ds_configs" / f"{name}.json") as handle:
+            resolved = resolve_ds_config(json.load(handle), cfg, world_size=2)
+        assert resolved["zero_optimization"]["stage"] == int(name[4])
+        assert "auto" not in json.dumps(resolved)
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"train_micro_batch_size_per_gpu": 16}, "train_micro_batch_size_per_gpu=16 contradicts train.batch_size=8"),
+    ({"gradient_clipping": 0.5}, "gradient_clipping=0.5 contradicts train.grad_clip=1.0"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, "optimizer.params.lr=0.1 contradicts train.lr=0.001"),
+    ({"fp16": {"enabled": True}}, "fp16.enabled=true contradicts train.precision=fp32"),
+    ({"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}}, "zero_optimization.allgather_bucket_size is \"auto\""),
+])
+def test_contradictions_and_unknown_autos_are_refused(tree, message):
+    cfg = load_config(None, ["train.batch_size=8"])
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        resolve_ds_config(tree, cfg, world_size=2, source="x.json")
