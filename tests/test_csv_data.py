@@ -52,9 +52,9 @@ def png_declaring(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
-def write_csv(path, header, rows, encoding="utf-8", newline="\n"):
+def write_csv(path, header, rows, encoding="utf-8", newline="\n", quoting=csv.QUOTE_MINIMAL):
     with open(path, "w", encoding=encoding, newline="") as handle:
-        writer = csv.writer(handle, lineterminator=newline)
+        writer = csv.writer(handle, lineterminator=newline, quoting=quoting)
         writer.writerow(header)
         writer.writerows(rows)
     return path
@@ -199,7 +199,8 @@ BAD_CELLS = {  # kind -> (image cell, caption, reason reported)
     "empty caption": (png_b64(), "   ", "empty caption"),
     "caption too long": (png_b64(), "x" * (MAX_CAPTION + 1),
                          f"caption of {MAX_CAPTION + 1} characters exceeds model.max_caption_len={MAX_CAPTION}"),
-    "decompression bomb": (b64(png_declaring(100_000, 100_000)), "a caption", "image refused as a decompression bomb"),
+    "decompression bomb": (b64(png_declaring(100_000, 100_000)), "a caption",
+                           "image of 100000x100000 pixels exceeds data.max_image_pixels=1000000 (refused as a possible decompression bomb)"),
 }
 
 
@@ -233,7 +234,7 @@ def test_an_image_over_max_image_pixels_is_refused(tmp_path):
                      [[png_b64(size=(64, 64)), "too big"], [png_b64(size=(16, 16)), "fine"]])
     _, captions, bad = read(path, max_pixels=1000)
     assert captions == ["fine"]
-    assert [(b.row, b.reason) for b in bad] == [(1, "image of 64x64 pixels exceeds data.max_image_pixels=1000")]
+    assert [(b.row, b.reason) for b in bad] == [(1, "image of 64x64 pixels exceeds data.max_image_pixels=1000 (refused as a possible decompression bomb)")]
 
 
 def test_declared_dimensions_are_checked_before_decoding(tmp_path):
@@ -242,7 +243,7 @@ def test_declared_dimensions_are_checked_before_decoding(tmp_path):
     path = write_csv(tmp_path / "d.csv", ["b64string_images", "caption"], [[bomb, "bomb"], [png_b64(), "fine"]])
     _, captions, bad = read(path, max_pixels=64_000_000)
     assert captions == ["fine"]
-    assert [(b.row, b.reason) for b in bad] == [(1, "image of 9000x9000 pixels exceeds data.max_image_pixels=64000000")]
+    assert [(b.row, b.reason) for b in bad] == [(1, "image of 9000x9000 pixels exceeds data.max_image_pixels=64000000 (refused as a possible decompression bomb)")]
 
 
 def test_raising_max_image_pixels_lets_larger_images_through(tmp_path):
@@ -319,7 +320,9 @@ caption_cells = st.one_of(st.just("a red square"), st.text(max_size=MAX_CAPTION 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.tuples(image_cells, caption_cells, st.text(max_size=5)), min_size=1, max_size=6))
 def test_fuzzed_rows_never_crash_and_are_used_or_reported(tmp_path, rows):
-    path = write_csv(tmp_path / "fuzz.csv", ["b64string_images", "caption", "note"], rows)
+    # Every field quoted: with minimal quoting and "\n" line ends, a lone "\r" in a caption is
+    # written bare, and a bare CR is a record break to any CSV reader.
+    path = write_csv(tmp_path / "fuzz.csv", ["b64string_images", "caption", "note"], rows, quoting=csv.QUOTE_ALL)
     try:
         images, captions, bad = read(path)
     except UserError as err:  # only when no row at all could be used

@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from seemore_ds.errors import UserError
+
+# Pillow's own decompression-bomb limit is fixed (~89M pixels); data.max_image_pixels decides
+# instead, checked on the declared size before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class BadImage(ValueError):
@@ -35,17 +38,14 @@ def decode_base64_image(b64: str, img_size: int, max_pixels: int) -> np.ndarray:
 def decode_image_bytes(raw: bytes, img_size: int, max_pixels: int) -> np.ndarray:
     """Encoded image bytes (PNG, JPEG, ...) -> uint8 (3, img_size, img_size), or BadImage saying why not."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise BadImage(f"image of {width}x{height} pixels exceeds data.max_image_pixels={max_pixels}")
-            img.load()
+        img = Image.open(io.BytesIO(raw))  # reads the header only: the declared size, no pixels yet
+        width, height = img.size
+        if width * height > max_pixels:
+            raise BadImage(f"image of {width}x{height} pixels exceeds data.max_image_pixels={max_pixels} "
+                           f"(refused as a possible decompression bomb)")
+        img.load()
     except BadImage:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadImage("image refused as a decompression bomb") from None
     except Image.UnidentifiedImageError:
         raise BadImage("not an image") from None
     except (OSError, SyntaxError, ValueError) as err:
@@ -72,7 +72,18 @@ def to_rgb_array(img: Image.Image, img_size: int) -> np.ndarray:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        img = _to_8_bit(img)
     img = img.convert("RGB")
     if img.size != (img_size, img_size):
         img = img.resize((img_size, img_size), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def _to_8_bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey images -> 8-bit grey; Pillow's own convert clips them at 255."""
+    pixels = np.asarray(img).astype(np.float64)
+    full_scale = 65535.0 if img.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
+    if img.mode == "F" and pixels.min() >= 0 and pixels.max() <= 1:
+        full_scale = 1.0  # float images usually hold 0..1
+    return Image.fromarray(np.clip(pixels / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
