@@ -205,6 +205,12 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             raise UserError(f"config file {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
         if not isinstance(tree, dict):
             raise UserError(f"config file {path} must hold sections such as 'train:', not a {type(tree).__name__}")
+        sections = {f.name for f in dataclasses.fields(cfg)}
+        for name, value in list(tree.items()):
+            if name in sections and value is None:  # a section whose keys are all commented out
+                del tree[name]
+            elif name in sections and not isinstance(value, dict):
+                raise UserError(f"config file {path}: section {name!r} must hold keys such as '{name}.<key>: value', not {value!r}")
         for key, value in _flatten(tree).items():
             if "." not in key:
                 raise UserError(f"config file {path}: {key!r} must sit inside a section such as 'train:'")

@@ -80,6 +80,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_root = self.run_dir / ckpt.CHECKPOINTS
+        if cfg.data.csv:  # saved configs must find the data from any working directory
+            cfg.data.csv = str(Path(cfg.data.csv).resolve())
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
 
