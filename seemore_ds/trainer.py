@@ -95,6 +95,7 @@ class Trainer:
         else:
             self.tokenizer = CharTokenizer.from_captions(train_data.captions)
         model = SeemoreVLM(cfg.model, self.tokenizer.vocab_size)
+        self.n_params = model.num_params()  # counted before ZeRO-3 partitions the parameters away
         self.backend = build_backend(model, cfg)
         self.is_main = self.backend.rank == 0
         text_len = model.text_len
@@ -130,7 +131,7 @@ class Trainer:
             write_bad_rows(data.bad_rows, self.run_dir / BAD_ROWS_FILE)
             self.say(f"data: {summarize_bad_rows(data.bad_rows)}; row numbers and reasons in {self.run_dir / BAD_ROWS_FILE}")
         self.say(
-            f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_sample() / 1e9:.2f} GFLOP per training sample; "
+            f"model: {self.n_params / 1e6:.2f}M parameters, {model.flops_per_sample() / 1e9:.2f} GFLOP per training sample; "
             f"backend {type(self.backend).__name__} on {self.backend.device} x {self.backend.world_size}, {self.cfg.train.precision}"
         )
         if self.resume_from:
