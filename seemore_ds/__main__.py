@@ -111,6 +111,8 @@ def cmd_export(args) -> None:
 
     weights = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {weights} (fp32) with config.yaml and tokenizer.json beside it")
+    if weights.name != "model.safetensors":
+        print(f"note: eval and generate read a folder's model.safetensors; rename {weights.name} or export to a folder")
 
 
 def cmd_plot(args) -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shlex
 import socket
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,6 +52,12 @@ def prepare_environment(device: str = "auto") -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def _train_arguments() -> str:
+    """This run's command-line arguments from ``train`` on, for a message that says what to run."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    return shlex.join(args) if args[:1] == ["train"] else "train ..."
+
+
 def checkpoint_meta(checkpoint_dir: Path, rank: int = 0) -> dict:
     """What this backend wrote beside DeepSpeed's files for ``rank``: client_state, world_size, zero_stage."""
     return torch.load(checkpoint_dir / CLIENT_STATE_FILE.format(rank=rank), map_location="cpu", weights_only=True)
@@ -67,6 +76,8 @@ class DeepSpeedBackend:
         from deepspeed.accelerator import get_accelerator
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # the trainer does the talking
+        # DeepSpeed 0.19 still calls collectives that torch 2.13 deprecates, once per rank and name.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
         accelerator = get_accelerator()
         if self.ds_config["fp16"]["enabled"] and not accelerator.is_fp16_supported():
             raise UserError(f"fp16 ({source}, train.precision=fp16) is not supported on {accelerator.device_name()}; "
@@ -213,9 +224,9 @@ class DeepSpeedBackend:
         if n_saved != self.world_size or meta["world_size"] != self.world_size:
             raise UserError(
                 f"{checkpoint_dir} was written by {meta['world_size']} rank(s), this run has {self.world_size}; "
-                f"resume with the same count: deepspeed --num_gpus {meta['world_size']} --module seemore_ds train ... "
-                f"(seemore-ds does not load DeepSpeed universal checkpoints; to start over on {self.world_size} rank(s) "
-                f"from these weights: python -m seemore_ds export --checkpoint {checkpoint_dir} --out DIR)"
+                f"resume with {meta['world_size']}: deepspeed --num_gpus {meta['world_size']} --module seemore_ds "
+                f"{_train_arguments()} (other rank counts need DeepSpeed universal checkpoints, which seemore-ds does "
+                f"not load; the weights still export: python -m seemore_ds export --checkpoint {checkpoint_dir} --out DIR)"
             )
         if meta["zero_stage"] != self.zero_stage:
             raise UserError(f"{checkpoint_dir} was written with ZeRO stage {meta['zero_stage']}, the DeepSpeed config "
