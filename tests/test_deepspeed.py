@@ -180,15 +180,22 @@ def test_checkpoint_is_sharded_per_rank_and_export_matches_engine(runs, name, ca
     assert abs(exported["val_loss"] - engine_val) <= tolerance, (exported, engine_val)
 
 
-def test_hf_style_config_loads_unchanged_in_one_process(tmp_path):
-    """No launcher: the backend makes its own one-rank world; an all-"auto" HF config trains."""
+def test_hf_style_config_in_one_process_matches_the_engine_free_backend(tmp_path):
+    """No launcher: the backend makes its own one-rank world; an all-"auto" HF ZeRO-2 config trains
+    with gradient accumulation exactly as the engine-free backend does (same AdamW, schedule, clipping)."""
     config = tmp_path / "zero2.json"
     config.write_text(json.dumps(HF_ZERO2, indent=4))
-    result = cli(["train", *TINY, "train.max_steps=2", "train.backend=deepspeed", f"run.output_dir={tmp_path / 'run'}",
+    same = [*TINY, "train.max_steps=3", "train.grad_accum=2", "train.device=cpu"]
+    result = cli(["train", *same, "train.backend=deepspeed", f"run.output_dir={tmp_path / 'engine'}",
                   "--deepspeed_config", str(config)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DeepSpeedBackend on cpu x 1" in result.stdout
-    assert len(loss_rows(tmp_path / "run")) == 2
+    assert main(["train", *same, "train.backend=torch", f"run.output_dir={tmp_path / 'torch'}"]) == 0
+    engine, plain = loss_rows(tmp_path / "engine"), loss_rows(tmp_path / "torch")
+    assert len(engine) == len(plain) == 3
+    for a, b in zip(engine, plain):
+        for key in ("train_loss", "grad_norm", "lr"):
+            assert abs(float(a[key]) - float(b[key])) <= 1e-5, (key, a, b)
 
 
 def test_resume_on_other_rank_count_is_refused_with_the_command(runs):
