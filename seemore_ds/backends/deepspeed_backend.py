@@ -21,6 +21,7 @@ import torch
 
 from seemore_ds.backends.base import StepStats
 from seemore_ds.backends.ds_config import ds_config_for
+from seemore_ds.checkpoint import MODEL_FILE
 from seemore_ds.config import Config
 from seemore_ds.data.dataset import Batch
 from seemore_ds.errors import UserError
@@ -218,8 +219,9 @@ class DeepSpeedBackend:
         """Refuses, on every rank alike, a checkpoint of another backend, rank count or ZeRO stage."""
         n_saved = saved_world_size(checkpoint_dir)
         if n_saved == 0:
+            written_by_torch = (checkpoint_dir / MODEL_FILE).is_file()
             raise UserError(f"{checkpoint_dir} holds no {CLIENT_STATE_FILE.format(rank=0)}: not a checkpoint of the "
-                            f"deepspeed backend; resume it with train.backend=torch")
+                            f"deepspeed backend" + ("; resume it with train.backend=torch" if written_by_torch else ""))
         meta = checkpoint_meta(checkpoint_dir, 0)
         if n_saved != self.world_size or meta["world_size"] != self.world_size:
             raise UserError(
