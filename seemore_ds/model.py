@@ -135,7 +135,10 @@ class SeemoreVLM(nn.Module):
         self.text_len = cfg.max_caption_len + 1  # <bos> + caption, or caption + <eos>
         self.decoder = Decoder(cfg, vocab_size, self.num_image_tokens + self.text_len)
         self.apply(self._init_weights)
-        nn.init.trunc_normal_(self.vit.pos_embed, std=0.02)
+        # Learned positions start from the 2-D sine-cosine table: at N(0, 0.02) they are drowned by the
+        # patch embeddings and the model confuses left with right for hundreds of steps (README).
+        with torch.no_grad():
+            self.vit.pos_embed.copy_(sincos_2d(cfg.img_size // cfg.patch_size, cfg.image_embed_dim))
         nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
         # GPT-2: scale residual projections by depth so the residual stream starts near unit variance.
         for name, p in self.named_parameters():
@@ -233,3 +236,18 @@ def sample_next(logits, temperature: float, top_k: int | None, generator=None):
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(1, 1 + grid*grid, dim) 2-D sine-cosine positions as in MAE; row 0, the CLS slot, is zero.
+
+    A quarter of the channels each holds sin(x), cos(x), sin(y), cos(y) at geometric frequencies;
+    channels left over when dim is not a multiple of 4 stay zero.
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    out_y, out_x = ys.flatten()[:, None] * omega, xs.flatten()[:, None] * omega
+    table = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)
+    table = torch.cat([torch.zeros(1, 4 * quarter, dtype=torch.float64), table], dim=0)
+    return F.pad(table, (0, dim - 4 * quarter))[None].float()
