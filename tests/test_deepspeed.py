@@ -31,7 +31,7 @@ TINY = ["model.img_size=16", "model.patch_size=8", "model.image_embed_dim=32", "
         "model.num_blks=1", "model.n_head=2", "data.synth_n=64", "train.batch_size=4", "log.every=1",
         "log.progress=false", "eval.every=0", "checkpoint.every=2"]
 HALF, FULL = 2, 4
-LAUNCH_TIMEOUT_S = 420  # generous: the first launch on a fresh machine JIT-builds shm_comm and cpu_adam
+LAUNCH_TIMEOUT_S = 600  # generous: the first launch on a fresh machine JIT-builds shm_comm and cpu_adam (~5 min here)
 
 # Configs as the Hugging Face Trainer (and LLaVA's scripts/) ship them, unchanged.
 HF_ZERO2 = {
@@ -119,12 +119,14 @@ def error_lines(stderr: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs() -> Path:
+def runs():
     """Every scenario trained uninterrupted (full/) and halfway-then-resumed (resumed/), in two launches."""
     # Not under pytest's basetemp: a concurrent pytest session may prune it while these launches run.
     tmp = Path(tempfile.mkdtemp(prefix="seemore-ds-test-"))
-    yield from _train_scenarios(tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield from _train_scenarios(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _train_scenarios(tmp: Path):
