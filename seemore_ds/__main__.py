@@ -142,7 +142,15 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plo
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`train --config X --deepspeed_config Y key=value`), where
+    # argparse alone stops collecting positionals; pick them up from the leftovers.
+    args, leftovers = parser.parse_known_args(argv)
+    overrides = [arg for arg in leftovers if "=" in arg and not arg.startswith("-")]
+    if args.command != "train" or len(overrides) != len(leftovers):
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     try:
         COMMANDS[args.command](args)
     except UserError as err:
