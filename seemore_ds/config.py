@@ -35,7 +35,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     img_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     image_embed_dim: int = 128
     num_blks: int = 3
     n_embd: int = 128
@@ -50,7 +50,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 600
+    max_steps: int = 1000
     batch_size: int = 32  # per rank, per micro-batch
     grad_accum: int = 1
     lr: float = 1e-3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from seemore_ds.config import Config, load_config, save_config
@@ -22,6 +24,13 @@ def test_defaults_and_overrides():
     assert cfg.train.max_steps == 50 and cfg.train.lr == 3e-4 and cfg.log.progress is False
     assert cfg.model.image_tokens == "cls" and cfg.data.max_image_pixels == 1_000_000
     assert cfg.train.batch_size == Config().train.batch_size
+
+
+def test_configs_default_yaml_spells_out_exactly_the_built_in_defaults():
+    """The shipped default.yaml is documentation: it must not drift from config.py."""
+    root = Path(__file__).resolve().parent.parent
+    assert load_config(str(root / "configs" / "default.yaml")) == Config()
+    assert load_config(str(root / "configs" / "default.yaml"), ["train.max_steps=7"]) != Config()
 
 
 @pytest.mark.parametrize("override, suggestion", [
@@ -133,3 +142,13 @@ def test_cli_invalid_yaml_is_one_line_with_exit_2(cli, tmp_path):
     (tmp_path / "run.yaml").write_text("train:\n  max_steps: [1, 2\nmodel: {\n", encoding="utf-8")
     result = cli("train", "--config", "run.yaml", cwd=tmp_path)
     cli.user_error(result, "run.yaml is not valid YAML at line")
+
+
+def test_cli_overrides_may_follow_options(cli, tmp_path):
+    """`train --config FILE key=value --deepspeed_config ... key=value`: every override applies."""
+    (tmp_path / "mine.yaml").write_text("train:\n  max_steps: 3\n", encoding="utf-8")
+    # argparse alone stops collecting overrides at an option; the one after --config must still count.
+    result = cli("train", "train.seed=5", "--config", "mine.yaml", "train.max_step=2", cwd=tmp_path)
+    cli.user_error(result, "unknown config key 'train.max_step'", "did you mean train.max_steps?")
+    result = cli("eval", "--checkpoint", "nowhere", "--bogus", cwd=tmp_path)
+    assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr
