@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     # argparse alone stops collecting positionals; pick them up from the leftovers.
     args, leftovers = parser.parse_known_args(argv)
     overrides = [arg for arg in leftovers if "=" in arg and not arg.startswith("-")]
-    if args.command != "train" or len(overrides) != len(leftovers):
+    if leftovers and (args.command != "train" or len(overrides) != len(leftovers)):
         parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
     if overrides:
         args.overrides = [*args.overrides, *overrides]
