@@ -12,31 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from bench.throughput import bench_data, seemore_config
-from seemore_ds.data.dataset import ResumableSampler, TokenizedSplit
-from seemore_ds.model import SeemoreVLM
-
-
-class BackendLoop:
-    """One backend stepping through its own (identically seeded) sampler."""
-
-    def __init__(self, backend_name: str, precision: str, batch_size: int, data, tokenizer):
-        from seemore_ds.backends import build_backend
-
-        cfg = seemore_config(batch_size, precision, "patches")
-        cfg.train.backend = backend_name
-        torch.manual_seed(0)
-        self.backend = build_backend(SeemoreVLM(cfg.model, tokenizer.vocab_size), cfg)
-        self.split = TokenizedSplit(data, tokenizer, self.backend.module.text_len)
-        self.sampler = ResumableSampler(len(data), batch_size, seed=0)
-
-    def step(self) -> float:
-        stats = self.backend.train_step([self.split.batch(self.sampler.next_indices())], timed=False)
-        return stats.loss.item()
+from bench.throughput import OurLoop, bench_data, seemore_config, time_in_turns
 
 
 def main() -> None:
@@ -48,17 +27,12 @@ def main() -> None:
     args = parser.parse_args()
 
     data, tokenizer = bench_data(max(512, args.batch_size * 8))
-    loops = {name: BackendLoop(name, args.precision, args.batch_size, data, tokenizer) for name in ("torch", "deepspeed")}
-    elapsed = dict.fromkeys(loops, 0.0)
-    for loop in loops.values():  # warm-up: allocator, kernels, first-batch costs
-        for _ in range(2):
-            loop.step()
-    for _ in range(args.rounds):
-        for name, loop in loops.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                loop.step()
-            elapsed[name] += time.perf_counter() - start
+    loops = {}
+    for name in ("torch", "deepspeed"):
+        cfg = seemore_config(args.batch_size, args.precision, "patches")
+        cfg.train.backend = name
+        loops[name] = OurLoop(cfg, data, tokenizer)
+    elapsed = time_in_turns(loops, args.steps, args.rounds)
 
     n_steps = args.steps * args.rounds
     step_s = {name: seconds / n_steps for name, seconds in elapsed.items()}

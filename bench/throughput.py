@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from bench.straightforward import Base64CaptionDataset, StraightforwardVLM
-from seemore_ds.backends.torch_backend import TorchBackend
+from seemore_ds.backends import build_backend
 from seemore_ds.config import Config, validate
 from seemore_ds.data.csv_reader import encode_png_base64
 from seemore_ds.data.dataset import CaptionData, ResumableSampler, TokenizedSplit
@@ -42,11 +42,11 @@ def seemore_config(batch_size: int, precision: str, image_tokens: str) -> Config
 
 
 class OurLoop:
-    """seemore-ds as the trainer runs it: decoded-once uint8 images, index batches, TorchBackend."""
+    """seemore-ds as the trainer runs it: decoded-once uint8 images, index batches, the configured backend."""
 
     def __init__(self, cfg: Config, data: CaptionData, tokenizer: CharTokenizer):
         torch.manual_seed(0)
-        self.backend = TorchBackend(SeemoreVLM(cfg.model, tokenizer.vocab_size), cfg)
+        self.backend = build_backend(SeemoreVLM(cfg.model, tokenizer.vocab_size), cfg)
         self.split = TokenizedSplit(data, tokenizer, self.backend.module.text_len)
         self.sampler = ResumableSampler(len(data), cfg.train.batch_size, seed=0)
 
@@ -87,6 +87,22 @@ def _to_pil(chw_uint8: torch.Tensor) -> Image.Image:
     return Image.fromarray(chw_uint8.permute(1, 2, 0).numpy())
 
 
+def time_in_turns(loops: dict, steps: int, rounds: int) -> dict[str, float]:
+    """Seconds each loop spent on ``steps x rounds`` steps, the loops taking turns after a warm-up,
+    so that machine noise hits all of them alike."""
+    elapsed = dict.fromkeys(loops, 0.0)
+    for loop in loops.values():  # warm-up: allocator, kernels, first-batch costs
+        for _ in range(2):
+            loop.step()
+    for _ in range(rounds):
+        for name, loop in loops.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                loop.step()
+            elapsed[name] += time.perf_counter() - start
+    return elapsed
+
+
 def bench_data(n: int) -> tuple[CaptionData, CharTokenizer]:
     pil_images, captions = synthetic_dataset(n, seed=0, size_px=SEEMORE_SIZES["img_size"])
     captions = [c[: SEEMORE_SIZES["max_caption_len"]].strip() for c in captions]
@@ -108,17 +124,7 @@ def main() -> None:
         "seemore-ds bf16 (cls token)": OurLoop(seemore_config(args.batch_size, "bf16", "cls"), data, tokenizer),
         "seemore-ds fp32 (patch tokens)": OurLoop(seemore_config(args.batch_size, "fp32", "patches"), data, tokenizer),
     }
-    elapsed = dict.fromkeys(loops, 0.0)
-    for loop in loops.values():  # warm-up: allocator, kernels, first-batch costs
-        for _ in range(2):
-            loop.step()
-    for _ in range(args.rounds):
-        for name, loop in loops.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                loop.step()
-            elapsed[name] += time.perf_counter() - start
-
+    elapsed = time_in_turns(loops, args.steps, args.rounds)
     samples = args.steps * args.rounds * args.batch_size
     rates = {name: samples / seconds for name, seconds in elapsed.items()}
     base = rates["straightforward fp32"]
