@@ -8,6 +8,7 @@ every rank, so a bad config ends every rank with the same one-line error.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import shlex
@@ -100,9 +101,8 @@ class DeepSpeedBackend:
         if "optimizer" not in self.ds_config:
             optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                           betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
-        if "scheduler" not in self.ds_config:
-            def scheduler(opt):
-                return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, cfg.train))
+        if "scheduler" not in self.ds_config:  # DeepSpeed calls it with the optimizer it builds
+            scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda step: lr_multiplier(step, cfg.train))
 
         # ZeRO-3 partitions the model's parameters; evaluation and generation use a full copy
         # (see _full_model) so that ranks with unequal work never wait on each other's all-gathers.
