@@ -8,7 +8,6 @@ files are pickles, so export runs them through ``torch.load``: export only check
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from seemore_ds.backends.base import resolve_device
 from seemore_ds.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, resolve_checkpoint
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError
@@ -29,7 +29,7 @@ def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a checkpoint folder, whatever wrote it."""
     if (folder / MODEL_FILE).is_file():  # the torch backend already writes safetensors
         return load_file(str(folder / MODEL_FILE))
-    from seemore_ds.backends.deepspeed_backend import CLIENT_STATE_FILE, checkpoint_meta
+    from seemore_ds.backends.deepspeed_backend import CLIENT_STATE_FILE, checkpoint_meta, select_accelerator
 
     if not (folder / CLIENT_STATE_FILE.format(rank=0)).is_file():
         raise UserError(f"{folder} is not a seemore-ds checkpoint: it has neither {MODEL_FILE} nor "
@@ -37,8 +37,7 @@ def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     stage = checkpoint_meta(folder)["zero_stage"]
     if stage == 0:
         return _stage0_weights(folder)
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    select_accelerator(resolve_device("auto"))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # ZeRO 1-3 keep the fp32 master weights flattened and partitioned in the optimizer shards.

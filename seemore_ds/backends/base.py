@@ -6,6 +6,7 @@ written once against this interface and holds no backend-specific branches.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -13,6 +14,26 @@ from typing import Protocol
 import torch
 
 from seemore_ds.data.dataset import Batch
+from seemore_ds.errors import UserError
+
+# Reduced-precision dtype of each train.precision; fp32 has none.
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """train.device -> a torch device; asking for CUDA without a GPU is a user error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def timestamp(device: torch.device, timed: bool) -> float:
+    """perf_counter, after waiting for queued GPU work when this step's phases are being timed."""
+    if timed and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @dataclass

@@ -14,13 +14,12 @@ import os
 import shlex
 import socket
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from seemore_ds.backends.base import StepStats
+from seemore_ds.backends.base import PRECISION_DTYPES, StepStats, resolve_device, timestamp
 from seemore_ds.backends.ds_config import ds_config_for
 from seemore_ds.checkpoint import MODEL_FILE
 from seemore_ds.config import Config
@@ -44,14 +43,17 @@ def prepare_environment(device: str = "auto") -> None:
 
     Must run before ``deepspeed`` is imported: the accelerator is chosen at import time.
     """
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
-    if "DS_ACCELERATOR" not in os.environ and (device == "cpu" or not torch.cuda.is_available()):
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    select_accelerator(resolve_device(device))
     if "WORLD_SIZE" not in os.environ:  # not launched: deepspeed.init_distributed would look for MPI
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def select_accelerator(device: torch.device) -> None:
+    """DeepSpeed picks its accelerator when imported: choose the CPU one unless told otherwise or on CUDA."""
+    if "DS_ACCELERATOR" not in os.environ and device.type == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _train_arguments() -> str:
@@ -108,21 +110,13 @@ class DeepSpeedBackend:
         # (see _full_model) so that ranks with unequal work never wait on each other's all-gathers.
         self._replica = copy.deepcopy(model) if self.zero_stage == 3 else None
         self._replica_step = -1
-        try:
-            self.engine, _, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                model_parameters=param_groups(model, cfg.train.weight_decay) if optimizer is None else None,
-                config=self.ds_config,
-            )
-        except ValueError as err:
-            if "fp16 is not supported" in str(err):
-                raise UserError("fp16 is not supported on this device (DeepSpeed's CPU accelerator); use train.precision=bf16") from None
-            raise
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            model_parameters=param_groups(model, cfg.train.weight_decay) if optimizer is None else None,
+            config=self.ds_config,
+        )
         if self._replica is not None:
-            self._replica.to(device=self.device, dtype=self._engine_dtype())
-
-    def _engine_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+            self._replica.to(device=self.device, dtype=PRECISION_DTYPES.get(self.precision, torch.float32))
 
     @property
     def module(self) -> torch.nn.Module:
@@ -154,15 +148,15 @@ class DeepSpeedBackend:
         grad_norm = None
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
-            t0 = self._sync(timed)
+            t0 = timestamp(self.device, timed)
             _, loss = engine(batch.images, batch.input_ids, batch.targets)
-            t1 = self._sync(timed)
+            t1 = timestamp(self.device, timed)
             engine.backward(loss)  # divides by gradient_accumulation_steps itself
-            t2 = self._sync(timed)
+            t2 = timestamp(self.device, timed)
             if i == len(micro_batches) - 1 and not hasattr(engine.optimizer, "_global_grad_norm"):
                 grad_norm = self._grad_norm()  # plain fp32 data parallelism: the engine clips but keeps no norm
             engine.step()  # an optimizer step only at the accumulation boundary
-            t3 = self._sync(timed)
+            t3 = timestamp(self.device, timed)
             forward_s, backward_s, optimizer_s = forward_s + t1 - t0, backward_s + t2 - t1, optimizer_s + t3 - t2
             total_loss += loss.detach().float()
         if grad_norm is None:
@@ -177,11 +171,6 @@ class DeepSpeedBackend:
     def _grad_norm(self) -> torch.Tensor:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-
-    def _sync(self, timed: bool) -> float:
-        if timed and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
 
     def _loss_scale(self) -> float | None:
         if self.precision != "fp16":

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from seemore_ds.backends.base import StepStats
+from seemore_ds.backends.base import PRECISION_DTYPES, StepStats, resolve_device, timestamp
 from seemore_ds.checkpoint import MODEL_FILE
 from seemore_ds.config import Config
 from seemore_ds.data.dataset import Batch
@@ -19,15 +19,6 @@ from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import lr_multiplier, param_groups
 
 TRAINING_STATE_FILE = "training_state.pt"
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 class TorchBackend:
@@ -47,13 +38,8 @@ class TorchBackend:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, cfg.train))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        dtype = AUTOCAST_DTYPES.get(precision)
+        dtype = PRECISION_DTYPES.get(precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
-
-    def _sync(self, timed: bool) -> float:
-        if timed and self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
 
     def train_step(self, micro_batches: list[Batch], timed: bool) -> StepStats:
         self.module.train()
@@ -61,12 +47,12 @@ class TorchBackend:
         total_loss = torch.zeros((), device=self.device)
         for batch in micro_batches:
             batch = batch.to(self.device)
-            t0 = self._sync(timed)
+            t0 = timestamp(self.device, timed)
             with self.autocast():
                 _, loss = self.module(batch.images, batch.input_ids, batch.targets)
-            t1 = self._sync(timed)
+            t1 = timestamp(self.device, timed)
             self.scaler.scale(loss / len(micro_batches)).backward()
-            t2 = self._sync(timed)
+            t2 = timestamp(self.device, timed)
             forward_s, backward_s = forward_s + t1 - t0, backward_s + t2 - t1
             total_loss += loss.detach()
         t0 = time.perf_counter()
@@ -80,7 +66,7 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         skipped = scale_before is not None and self.scaler.get_scale() < scale_before
-        optimizer_s = self._sync(timed) - t0
+        optimizer_s = timestamp(self.device, timed) - t0
         return StepStats(
             loss=total_loss / len(micro_batches), grad_norm=grad_norm, lr=lr,
             forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s, skipped=skipped,
