@@ -141,12 +141,14 @@ class Trainer:
         return self.step == self.cfg.train.max_steps or (every > 0 and self.step % every == 0)
 
     def evaluate(self) -> tuple[float | None, float | None]:
-        """(val loss, caption exact match) on up to eval.max_batches batches of the held-out split."""
+        """(val loss, caption exact match) on up to eval.max_batches batches of the held-out split;
+        at the last step the exact match covers the whole split, as the run's final figure."""
         if self.val_split is None:
             return None, None
         batch_size, max_batches = self.cfg.train.batch_size, self.cfg.eval.max_batches
         loss = split_loss(self.backend, self.val_split, batch_size, max_batches)
-        return loss, self.exact_match(max_rows=batch_size * max_batches)
+        last = self.step == self.cfg.train.max_steps
+        return loss, self.exact_match(max_rows=0 if last else batch_size * max_batches)
 
     def exact_match(self, max_rows: int = 0) -> float:
         """Fraction of held-out rows (the first ``max_rows``; 0: all) captioned exactly right, over all ranks."""
@@ -192,7 +194,7 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.is_main and cfg.log.progress),
                    desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
-        train_loss = val_loss = None
+        train_loss = val_loss = val_exact = None
         last_checkpoint = None
         interval_s, interval_steps = 0.0, 0  # training time since the last log row, eval excluded
         while self.step < cfg.train.max_steps:
@@ -230,10 +232,11 @@ class Trainer:
                 if val_loss is not None:
                     self.best_val_loss = min(self.best_val_loss, val_loss)
         bar.close()
-        return self._finish(train_loss, val_loss, last_checkpoint)
+        return self._finish(train_loss, val_loss, val_exact, last_checkpoint)
 
-    def _finish(self, train_loss, val_loss, last_checkpoint) -> TrainResult:
-        exact = self.exact_match() if self.val_split is not None else None
+    def _finish(self, train_loss, val_loss, exact, last_checkpoint) -> TrainResult:
+        if exact is None and self.val_split is not None:  # resumed at max_steps: nothing evaluated yet
+            exact = self.exact_match()
         if self.is_main:
             if (self.run_dir / "losses_log.csv").is_file() and self.step > 0:
                 plot_run(self.run_dir)
