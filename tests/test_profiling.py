@@ -1,0 +1,32 @@
+import json
+
+import torch
+
+from seemore_ds import profiling
+
+
+def test_known_gpu_peaks_match_longest_name_first():
+    assert profiling.known_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert profiling.known_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert profiling.known_peak_tflops("NVIDIA H200", "fp16") == 989.4
+    assert profiling.known_peak_tflops("Tesla V100-SXM2-16GB", "bf16") is None  # no bf16 tensor cores
+    assert profiling.known_peak_tflops("Some Future GPU", "bf16") is None
+
+
+def test_cpu_peak_is_measured_once_then_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(profiling, "CACHE_FILE", tmp_path / "peak.json")
+    measured = []
+    real = profiling.measure_matmul_tflops
+    monkeypatch.setattr(profiling, "measure_matmul_tflops",
+                        lambda dtype, device: measured.append(dtype) or real(dtype, device, size=256, seconds=0.05))
+    first, source = profiling.peak_tflops(torch.device("cpu"), "fp32")
+    second, _ = profiling.peak_tflops(torch.device("cpu"), "fp32")
+    assert measured == [torch.float32] and first == second > 0
+    assert "measured fp32 matmul" in source
+    assert list(json.loads((tmp_path / "peak.json").read_text()).values()) == [first]
+
+
+def test_override_wins_and_mfu_is_achieved_over_peak():
+    assert profiling.peak_tflops(torch.device("cpu"), "fp32", override=2.0) == (2.0, "set by profile.peak_tflops")
+    # 100 samples/s x 5 GFLOP = 0.5 TFLOP/s of a 2 TFLOP/s peak
+    assert abs(profiling.mfu(100, 5e9, 2.0) - 0.25) < 1e-12
