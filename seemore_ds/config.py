@@ -46,6 +46,8 @@ class ModelConfig:
     # "patches": the decoder sees the CLS token and every patch token (LLaVA style);
     # "cls": only the CLS token, as in the original seemore.
     image_tokens: str = "patches"
+    # "conv_stem": 3x3 stride-2 convolutions down to the patch grid; "patch": one patch_size convolution, as in seemore.
+    patch_embed: str = "patch"
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Config:
 CHOICES = {
     "data.on_bad_row": ("skip", "error"),
     "model.image_tokens": ("patches", "cls"),
+    "model.patch_embed": ("conv_stem", "patch"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.backend": ("torch", "deepspeed", "auto"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -69,6 +69,31 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class ConvStem(nn.Module):
+    """Patch embedding by a stack of 3x3 stride-2 convolutions (Xiao et al., 2021, "Early convolutions
+    help transformers see better"), then one conv for whatever odd factor of the patch size remains.
+
+    Output grid and width equal the single patch_size x patch_size convolution's, so it is a drop-in.
+    """
+
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        halvings = (patch_size & -patch_size).bit_length() - 1  # times the patch size divides by 2
+        rest = patch_size >> halvings
+        layers, channels = [], 3
+        for i in range(halvings):
+            width = max(dim >> (halvings - 1 - i), 16)
+            # BatchNorm: without it this stem learns shapes no faster than the single patch conv (README).
+            layers += [nn.Conv2d(channels, width, kernel_size=3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        layers.append(nn.Conv2d(channels, dim, kernel_size=rest, stride=rest) if rest > 1 else nn.Conv2d(channels, dim, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, images):
+        return self.layers(images)
+
+
 class ViT(nn.Module):
     """Convolutional patch embedding, CLS token, learned positions, pre-LN blocks."""
 
@@ -76,7 +101,10 @@ class ViT(nn.Module):
         super().__init__()
         dim = cfg.image_embed_dim
         self.num_patches = (cfg.img_size // cfg.patch_size) ** 2
-        self.patch_embed = nn.Conv2d(3, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        if cfg.patch_embed == "conv_stem":
+            self.patch_embed = ConvStem(cfg.patch_size, dim)
+        else:  # seemore's single patch_size x patch_size convolution
+            self.patch_embed = nn.Conv2d(3, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
         self.dropout = nn.Dropout(cfg.dropout)
@@ -209,7 +237,7 @@ class SeemoreVLM(nn.Module):
         return captions
 
     def flops_per_sample(self) -> int:
-        """Training FLOPs for one sample (forward + backward = 3 x forward), matmuls and attention only."""
+        """Training FLOPs for one sample (forward + backward = 3 x forward): convolutions, matmuls, attention."""
         c = self.cfg
         vit_tokens = self.vit.num_patches + 1
         dec_tokens = self.num_image_tokens + self.text_len
@@ -218,13 +246,22 @@ class SeemoreVLM(nn.Module):
             return n * (2 * tokens * 12 * dim * dim + 2 * 2 * tokens * tokens * dim)
 
         forward = (
-            2 * self.vit.num_patches * 3 * c.patch_size**2 * c.image_embed_dim
+            conv_flops(self.vit.patch_embed, c.img_size)
             + blocks(c.image_embed_dim, vit_tokens, c.num_blks)
             + 2 * self.num_image_tokens * (4 * c.image_embed_dim**2 + 4 * c.image_embed_dim * c.n_embd)
             + blocks(c.n_embd, dec_tokens, c.n_layer)
             + 2 * self.text_len * c.n_embd * self.vocab_size
         )
         return 3 * forward
+
+
+def conv_flops(module: nn.Module, img_size: int) -> int:
+    """Forward FLOPs of the convolutions in ``module``, applied in order to a square ``img_size`` image."""
+    flops, side = 0, img_size
+    for conv in (m for m in module.modules() if isinstance(m, nn.Conv2d)):
+        side = (side + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        flops += 2 * side * side * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    return flops
 
 
 def sample_next(logits, temperature: float, top_k: int | None, generator=None):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from seemore_ds.config import ModelConfig, load_config
 from seemore_ds.data.dataset import tokenize_captions
 from seemore_ds.errors import UserError
-from seemore_ds.model import IGNORE_INDEX, SeemoreVLM
+from seemore_ds.model import IGNORE_INDEX, SeemoreVLM, conv_flops
 from seemore_ds.tokenizer import CharTokenizer
 
 TINY = ModelConfig(img_size=16, patch_size=8, image_embed_dim=32, num_blks=1, n_embd=32, n_layer=1, n_head=2,
@@ -92,11 +92,13 @@ def test_loss_counts_caption_and_eos_only():
 
 
 def scrambled_model(image_tokens: str) -> SeemoreVLM:
-    """Large random weights in float64, so greedy captions vary with image and position and have no near-ties."""
+    """Large random weights in float64, so greedy captions vary with image and position and have no near-ties.
+    Norm layers keep their init: scrambled norm scales saturate the model into one repeated token."""
     model = tiny_model(image_tokens=image_tokens).double()
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 1.0)
+            if p.dim() > 1:
+                p.normal_(0.0, 1.0)
     return model
 
 
@@ -173,6 +175,19 @@ def test_flops_per_sample_grows_with_every_size(change):
     base = tiny_model().flops_per_sample()
     assert isinstance(base, int) and base > 0
     assert tiny_model(**change).flops_per_sample() > base
+
+
+@pytest.mark.parametrize("img_size, patch_size", [(16, 8), (24, 12), (28, 14), (32, 16), (9, 3)])
+@pytest.mark.parametrize("patch_embed", ["conv_stem", "patch"])
+def test_both_patch_embeddings_give_the_patch_grid(img_size, patch_size, patch_embed):
+    model = tiny_model(img_size=img_size, patch_size=patch_size, patch_embed=patch_embed)
+    grid = img_size // patch_size
+    assert model.vit.patch_embed(torch.zeros(2, 3, img_size, img_size)).shape == (2, TINY.image_embed_dim, grid, grid)
+
+
+def test_conv_flops_of_the_single_patch_conv():
+    model = tiny_model(patch_embed="patch")  # 2 x 2 patches of 8 x 8 x 3 pixels onto 32 channels
+    assert conv_flops(model.vit.patch_embed, 16) == 2 * 4 * (8 * 8 * 3) * 32
 
 
 def test_flops_count_more_decoder_tokens_with_patches_than_cls():
