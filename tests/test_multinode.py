@@ -11,6 +11,7 @@ checkpoint storage. Without root the nodes share this machine's network and the 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -157,7 +158,7 @@ def test_two_nodes_train_save_and_resume_in_one_run_folder(two_nodes):
     assert abs(float(resumed[-1]["val_loss"]) - float(straight[-1]["val_loss"])) <= 1e-5
 
 
-def test_each_node_keeps_and_resumes_from_its_own_checkpoint_disk(two_nodes):
+def test_each_node_keeps_and_resumes_from_its_own_checkpoint_disk(two_nodes, cli):
     work, outputs, isolated = two_nodes
     if not isolated:
         pytest.skip("needs root and ip netns for a storage namespace per node")
@@ -174,7 +175,17 @@ def test_each_node_keeps_and_resumes_from_its_own_checkpoint_disk(two_nodes):
         assert f"client_state_rank{other}.pt" not in files
         assert f"zero_pp_rank_{other}_mp_rank_00_optim_states.pt" not in files
     assert f"resuming from {run / 'checkpoints' / 'step_000004'} at step 4" in outputs["local_resume"][0]
-    assert [r["step"] for r in read_csv_rows(run / "losses_log.csv")] == ["1", "2", "3", "4", "5", "6"]
+    rows = read_csv_rows(run / "losses_log.csv")
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    # Gathered into one folder (the files both nodes wrote are the same), the checkpoint exports as any other.
+    gathered = work / "gathered"
+    shutil.copytree(work / "disk-node0" / "step_000006", gathered)
+    for file in (work / "disk-node1" / "step_000006").iterdir():
+        if not (gathered / file.name).exists():
+            shutil.copy2(file, gathered / file.name)
+    cli.ok(cli("export", "--checkpoint", gathered, "--out", work / "export", cwd=work))
+    result = json.loads(cli.ok(cli("eval", "--checkpoint", work / "export", "--json", cwd=work)).stdout)
+    assert abs(result["val_loss"] - float(rows[-1]["val_loss"])) <= 1e-5, (result, rows[-1])
 
 
 def test_node_local_storage_reaches_the_deepspeed_json_and_a_contradiction_is_refused():
