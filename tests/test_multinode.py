@@ -37,6 +37,10 @@ SUBNET = "10.213.0"  # exists only inside the test's namespaces
 LAUNCH_TIMEOUT_S = 600  # a fresh machine first JIT-builds deepspeed_shm_comm (minutes on 2 cores)
 
 
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
 def _can_isolate() -> bool:
     if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("unshare")):
         return False
@@ -59,7 +63,6 @@ class TwoNodes:
 
     def __enter__(self):
         if self.isolated:
-            ip = lambda *args: subprocess.run(["ip", *args], check=True, capture_output=True)  # noqa: E731
             for netns in self.netns:
                 ip("netns", "add", netns)
             ip("link", "add", self.links[0], "type", "veth", "peer", "name", self.links[1])
@@ -149,7 +152,8 @@ def test_two_nodes_train_save_and_resume_in_one_run_folder(two_nodes):
     checkpoint = {p.name for p in (run / "checkpoints" / "step_000004").iterdir()}
     assert {"client_state_rank0.pt", "client_state_rank1.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"} <= checkpoint
-    # The resumed run continues exactly where a run of 4 steps straight is (steps, losses, lr).
+    # The resumed run continues exactly where a run of 4 steps straight is (steps, losses, lr); where
+    # that run kept its checkpoints does not change its numbers.
     resumed, straight = read_csv_rows(run / "losses_log.csv"), read_csv_rows(work / "local" / "losses_log.csv")[:4]
     assert [r["step"] for r in resumed] == [r["step"] for r in straight] == ["1", "2", "3", "4"]
     for a, b in zip(resumed, straight):
