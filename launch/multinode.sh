@@ -18,7 +18,8 @@ launch/deepspeed_env.example).
 key=value arguments are config overrides, e.g. train.max_steps=500 train.batch_size=16.
 
 environment (default):
-  HOSTFILE      hostfile, one 'HOST slots=N' line per node (hostfiles/example); checked first
+  HOSTFILE      required: hostfile, one 'HOST slots=N' line per node (see hostfiles/example);
+                checked with python -m seemore_ds hostfile check first
   CONFIG        run YAML (none: the built-in defaults)
   DS_CONFIG     DeepSpeed JSON (ds_configs/zero2.json)
   OUTPUT_DIR    run folder (runs/multinode); on storage every node sees, or set
@@ -41,7 +42,11 @@ fi
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Every rank (pdsh exports PYTHON* variables to the other nodes) imports seemore_ds from this checkout.
 export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"
-hostfile="${HOSTFILE:-${repo}/hostfiles/example}"
+if [[ -z "${HOSTFILE:-}" ]]; then
+    echo "error: set HOSTFILE to the hostfile of your nodes, e.g. HOSTFILE=hostfiles/mine (see hostfiles/example)" >&2
+    exit 2
+fi
+hostfile="${HOSTFILE}"
 python3 -m seemore_ds hostfile check "${hostfile}" >&2
 # Node 0 is the hostfile's first host: a name every node resolves is a valid rendezvous address.
 first_host="$(awk '!/^[[:space:]]*(#|$)/ {print $1; exit}' "${hostfile}")"

@@ -105,6 +105,16 @@ def test_multinode_hands_pdsh_both_hosts_the_master_and_our_module(tmp_path):
         assert f"export {line};" in remote, (line, remote)
 
 
+def test_multinode_refuses_to_start_without_a_valid_hostfile(tmp_path):
+    result = run_script("multinode.sh", cwd=tmp_path, env={"DRY_RUN": "1", "HOSTFILE": ""})
+    assert result.returncode == 2 and result.stderr.startswith("error: set HOSTFILE")
+    (tmp_path / "hostfile").write_text("node-a slots=1\nnode-a slots=1\n")
+    result = run_script("multinode.sh", cwd=tmp_path, env={"DRY_RUN": "1", "HOSTFILE": "hostfile"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == ("error: hostfile hostfile, line 2: node-a is already listed on line 1; "
+                                     "the launcher refuses duplicate hosts: keep one line per node")
+
+
 def test_slurm_job_starts_one_launcher_per_node_without_ssh(tmp_path):
     """scontrol and srun stand in for SLURM; each "node" runs multinode.sh, which prints its command."""
     bin_dir = tmp_path / "bin"
