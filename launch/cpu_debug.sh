@@ -20,22 +20,9 @@ environment (default):
 USAGE
 }
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    usage
-    exit 0
-fi
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cmd=("${PYTHON:-python3}" -m seemore_ds train "${config_args[@]}"
+     train.backend=torch train.device=cpu "run.output_dir=${OUTPUT_DIR:-runs/cpu_debug}" "$@")
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"
-cmd=("${PYTHON:-python3}" -m seemore_ds train)
-if [[ -n "${CONFIG:-}" ]]; then
-    cmd+=(--config "${CONFIG}")
-fi
-cmd+=(train.backend=torch train.device=cpu "run.output_dir=${OUTPUT_DIR:-runs/cpu_debug}" "$@")
-
-if [[ "${DRY_RUN:-0}" == "1" ]]; then
-    printf '%q ' "${cmd[@]}"
-    printf '\n'
-else
-    exec "${cmd[@]}"
-fi
+run_or_print "${cmd[@]}"

@@ -34,14 +34,8 @@ environment (default):
 USAGE
 }
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    usage
-    exit 0
-fi
-
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# Every rank (pdsh exports PYTHON* variables to the other nodes) imports seemore_ds from this checkout.
-export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [[ -z "${HOSTFILE:-}" ]]; then
     echo "error: set HOSTFILE to the hostfile of your nodes, e.g. HOSTFILE=hostfiles/mine (see hostfiles/example)" >&2
     exit 2
@@ -58,15 +52,7 @@ if [[ -n "${NODE_RANK:-}" ]]; then
     cmd+=(--no_ssh --node_rank "${NODE_RANK}")
 fi
 read -r -a extra_launcher_args <<< "${DS_ARGS:-}"
-cmd+=("${extra_launcher_args[@]}" --module seemore_ds train)
-if [[ -n "${CONFIG:-}" ]]; then
-    cmd+=(--config "${CONFIG}")
-fi
+cmd+=("${extra_launcher_args[@]}" --module seemore_ds train "${config_args[@]}")
 cmd+=(--deepspeed_config "${DS_CONFIG:-${repo}/ds_configs/zero2.json}" "run.output_dir=${OUTPUT_DIR:-runs/multinode}" "$@")
 
-if [[ "${DRY_RUN:-0}" == "1" ]]; then
-    printf '%q ' "${cmd[@]}"
-    printf '\n'
-else
-    exec "${cmd[@]}"
-fi
+run_or_print "${cmd[@]}"

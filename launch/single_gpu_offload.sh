@@ -26,29 +26,16 @@ environment (default):
 USAGE
 }
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    usage
-    exit 0
-fi
-
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 stage="${ZERO_STAGE:-2}"
 if [[ "${stage}" != 2 && "${stage}" != 3 ]]; then
     echo "error: ZERO_STAGE must be 2 or 3 (offload needs ZeRO stage 2 or 3), got '${stage}'" >&2
     exit 2
 fi
 cmd=("${DEEPSPEED:-deepspeed}" --include "localhost:${GPU:-0}" --master_port "${MASTER_PORT:-29500}"
-     --module seemore_ds train)
-if [[ -n "${CONFIG:-}" ]]; then
-    cmd+=(--config "${CONFIG}")
-fi
+     --module seemore_ds train "${config_args[@]}")
 cmd+=(--deepspeed_config "${DS_CONFIG:-${repo}/ds_configs/zero${stage}_offload.json}"
       "run.output_dir=${OUTPUT_DIR:-runs/single_gpu_offload}" "$@")
 
-if [[ "${DRY_RUN:-0}" == "1" ]]; then
-    printf '%q ' "${cmd[@]}"
-    printf '\n'
-else
-    exec "${cmd[@]}"
-fi
+run_or_print "${cmd[@]}"

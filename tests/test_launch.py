@@ -40,7 +40,7 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def test_script_parses_and_prints_its_usage(script, tmp_path):
     subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
     if shutil.which("shellcheck"):
-        subprocess.run(["shellcheck", str(LAUNCH / script)], check=True)
+        subprocess.run(["shellcheck", "--external-sources", str(LAUNCH / script)], check=True)
     usage = ok(run_script(script, "-h", cwd=tmp_path)).stdout
     assert usage.startswith("usage: ") and "key=value" in usage
     for variable in ("CONFIG", "OUTPUT_DIR"):
