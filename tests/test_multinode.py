@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -105,12 +106,19 @@ class TwoNodes:
             with open(logs[-1], "w") as log:  # files, not pipes: a full pipe would stall one node mid-collective
                 procs.append(subprocess.Popen(argv, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
                                               start_new_session=True))
+        # A node that fails does not end the other, which would wait for it: stop at the first failure.
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         try:
-            codes = [proc.wait(timeout=LAUNCH_TIMEOUT_S) for proc in procs]
+            while time.monotonic() < deadline:
+                codes = [proc.poll() for proc in procs]
+                if codes == [0, 0] or any(code not in (None, 0) for code in codes):
+                    break
+                time.sleep(0.5)
         finally:
             for proc in procs:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
+        codes = [proc.wait() for proc in procs]
         outputs = [log.read_text() for log in logs]
         assert codes == [0, 0], f"exit codes {codes}\n" + "\n".join(f"--- node {i}\n{out[-3000:]}" for i, out in enumerate(outputs))
         return outputs
