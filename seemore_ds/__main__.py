@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
     synth.add_argument("--png-dir", help="also write every image as a PNG file here")
+
+    hostfile = commands.add_parser("hostfile", help="hostfiles for deepspeed --hostfile")
+    hostfile_commands = hostfile.add_subparsers(dest="hostfile_command", required=True, metavar="HOSTFILE_COMMAND")
+    check = hostfile_commands.add_parser("check", help="validate a hostfile as DeepSpeed's launcher reads it")
+    check.add_argument("file", help="hostfile: one 'HOST slots=N' line per node, # comments")
     return parser
 
 
@@ -137,8 +142,14 @@ def cmd_data(args) -> None:
     print(f"wrote {args.n} captioned images to {args.out}" + (f" and PNGs to {args.png_dir}" if args.png_dir else ""))
 
 
+def cmd_hostfile(args) -> None:
+    from seemore_ds.hostfile import describe_hosts, read_hostfile
+
+    print(describe_hosts(args.file, read_hostfile(args.file)))
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot, "data": cmd_data,
-            "export": cmd_export}
+            "export": cmd_export, "hostfile": cmd_hostfile}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
 
 
+def writes_checkpoint_folder(rank: int, node_local_storage: bool) -> bool:
+    """Global rank 0 lays out and publishes checkpoint folders; with node-local storage the first
+    rank of every node does, on that node's own disk (LOCAL_RANK is set by the launcher)."""
+    return rank == 0 or (node_local_storage and int(os.environ.get("LOCAL_RANK", 0)) == 0)
+
+
 def prune_checkpoints(root: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints, always sparing the best one."""
     if keep_last <= 0:

@@ -81,6 +81,9 @@ class EvalConfig:
 class CheckpointConfig:
     every: int = 200  # steps between checkpoints; 0: only at the end
     keep_last: int = 2  # older checkpoints are deleted, except the best by val loss
+    # Multi-node without storage every node sees: the first rank of each node writes the checkpoint
+    # folder on its own disk (DeepSpeed's "checkpoint": {"use_node_local_storage": true}).
+    use_node_local_storage: bool = False
 
 
 @dataclass

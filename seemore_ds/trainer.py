@@ -98,6 +98,7 @@ class Trainer:
         self.n_params = model.num_params()  # counted before ZeRO-3 partitions the parameters away
         self.backend = build_backend(model, cfg)
         self.is_main = self.backend.rank == 0
+        self.writes_checkpoints = ckpt.writes_checkpoint_folder(self.backend.rank, cfg.checkpoint.use_node_local_storage)
         text_len = model.text_len
         self.train_split = TokenizedSplit(train_data, self.tokenizer, text_len)
         self.val_split = TokenizedSplit(val_data, self.tokenizer, text_len) if len(val_data) else None
@@ -158,10 +159,11 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     def save_checkpoint(self, val_loss: float | None) -> Path:
-        """Every rank writes its part into a staging folder; rank 0 publishes it when all are done."""
+        """Every rank writes its part into a staging folder; rank 0 (with node-local storage, the first
+        rank of each node) publishes it when all are done."""
         tag = ckpt.tag_for(self.step)
         staging = self.ckpt_root / f"{ckpt.TMP_PREFIX}{tag}"
-        if self.is_main:
+        if self.writes_checkpoints:
             ckpt.staging_dir(self.ckpt_root, tag)
         self.backend.barrier()
         client_state = {
@@ -176,7 +178,7 @@ class Trainer:
         self.backend.save(staging, client_state)
         self.backend.barrier()
         final = self.ckpt_root / tag
-        if self.is_main:
+        if self.writes_checkpoints:
             save_config(self.cfg, staging / ckpt.CONFIG_FILE)
             self.tokenizer.save(staging / ckpt.TOKENIZER_FILE)
             final = ckpt.publish(self.ckpt_root, staging, tag)

@@ -67,8 +67,10 @@ def checkpoint_meta(checkpoint_dir: Path, rank: int = 0) -> dict:
     return torch.load(checkpoint_dir / CLIENT_STATE_FILE.format(rank=rank), map_location="cpu", weights_only=True)
 
 
-def saved_world_size(checkpoint_dir: Path) -> int:
-    return len(list(checkpoint_dir.glob(CLIENT_STATE_FILE.format(rank="*"))))
+def saved_ranks(checkpoint_dir: Path) -> list[int]:
+    """The ranks whose client_state file is in ``checkpoint_dir``, in order."""
+    prefix, suffix = CLIENT_STATE_FILE.split("{rank}")
+    return sorted(int(p.name[len(prefix):-len(suffix)]) for p in checkpoint_dir.glob(CLIENT_STATE_FILE.format(rank="*")))
 
 
 class DeepSpeedBackend:
@@ -206,13 +208,15 @@ class DeepSpeedBackend:
 
     def load(self, checkpoint_dir: Path) -> dict:
         """Refuses, on every rank alike, a checkpoint of another backend, rank count or ZeRO stage."""
-        n_saved = saved_world_size(checkpoint_dir)
-        if n_saved == 0:
+        ranks = saved_ranks(checkpoint_dir)
+        if not ranks:
             written_by_torch = (checkpoint_dir / MODEL_FILE).is_file()
             raise UserError(f"{checkpoint_dir} holds no {CLIENT_STATE_FILE.format(rank=0)}: not a checkpoint of the "
                             f"deepspeed backend" + ("; resume it with train.backend=torch" if written_by_torch else ""))
-        meta = checkpoint_meta(checkpoint_dir, 0)
-        if n_saved != self.world_size or meta["world_size"] != self.world_size:
+        meta = checkpoint_meta(checkpoint_dir, ranks[0])
+        # With node-local storage a node's disk holds only the files of its own ranks.
+        all_here = self.ds_config["checkpoint"]["use_node_local_storage"] or len(ranks) == self.world_size
+        if self.rank not in ranks or not all_here or meta["world_size"] != self.world_size:
             raise UserError(
                 f"{checkpoint_dir} was written by {meta['world_size']} rank(s), this run has {self.world_size}; "
                 f"resume with {meta['world_size']}: deepspeed --num_gpus {meta['world_size']} --module seemore_ds "

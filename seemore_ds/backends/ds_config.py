@@ -12,6 +12,7 @@ value the YAML run config implies, as the Hugging Face Trainer does:
   train.warmup_steps, total_num_steps <- train.max_steps;
 - ZeRO buckets from model.n_embd (d): reduce_bucket_size d^2, stage3_prefetch_bucket_size 0.9 d^2,
   stage3_param_persistence_threshold 10 d.
+- ``checkpoint.use_node_local_storage`` <- checkpoint.use_node_local_storage.
 
 A concrete JSON value that says something else than the YAML is refused, naming both. The
 resolution is a pure function of (JSON, YAML, world size), so every rank reaches the same verdict
@@ -122,6 +123,8 @@ def resolve_ds_config(raw: dict, cfg: Config, world_size: int, source: str = "De
     r.fill(tree, "gradient_clipping", "gradient_clipping", "train.grad_clip", t.grad_clip, _close)
     _resolve_zero(tree, r, cfg)
     _resolve_optimizer(tree, r, cfg)
+    r.fill(_block(tree, "checkpoint", source), "use_node_local_storage", "checkpoint.use_node_local_storage",
+           "checkpoint.use_node_local_storage (YAML)", cfg.checkpoint.use_node_local_storage)
     tree.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
     left = list(_auto_paths(tree))
     if left:
