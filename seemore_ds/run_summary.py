@@ -24,7 +24,7 @@ def _number(value):
 
 
 def run_summary(run_dir: Path, *, steps: int, samples: int, wall_s: float, final_train_loss, final_val_loss,
-                best_val_loss, skipped_steps: int, checkpoint) -> dict:
+                best_val_loss, skipped_steps: int, checkpoint, flops_per_sample: int, peak_tflops: float) -> dict:
     """What the run did, from the trainer's counters and the run folder's logs (which span resumes)."""
     losses, memory = run_dir / "losses_log.csv", run_dir / "memory_log.csv"
     samples_per_s, mfu = _column(losses, "samples_per_s"), _column(losses, "mfu")
@@ -38,6 +38,8 @@ def run_summary(run_dir: Path, *, steps: int, samples: int, wall_s: float, final
         "best_val_loss": _number(best_val_loss) if best_val_loss is not None and math.isfinite(best_val_loss) else None,
         "mean_samples_per_s": float(samples_per_s.mean()) if len(samples_per_s) else None,
         "mean_mfu": float(mfu.mean()) if len(mfu) else None,
+        "flops_per_sample": flops_per_sample,
+        "peak_tflops_per_device": peak_tflops,
         "peak_cuda_allocated_mib": float(peak_cuda.max()) if len(peak_cuda) else None,
         "peak_rss_mib": float(peak_rss.max()) if len(peak_rss) else None,
         "skipped_steps": skipped_steps,

@@ -271,7 +271,8 @@ class Trainer:
                 self.run_dir, steps=self.step, samples=self.step * self.samples_per_step, wall_s=wall_s,
                 final_train_loss=train_loss, final_val_loss=val_loss,
                 best_val_loss=min(self.best_val_loss, val_loss) if val_loss is not None else self.best_val_loss,
-                skipped_steps=self.skipped_steps, checkpoint=last_checkpoint)
+                skipped_steps=self.skipped_steps, checkpoint=last_checkpoint,
+                flops_per_sample=self.monitor.flops_per_sample, peak_tflops=self.monitor.peak_tflops)
             self.say(f"summary ({write_summary(summary, self.run_dir)}):\n{summary_table(summary)}")
             self.monitor.finish(summary)
             self.say(f"run folder: {self.run_dir}  (checkpoint: {last_checkpoint or 'none'})")
