@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.throughput import SEEMORE_SIZES
 from seemore_ds.backends.ds_config import resolve_ds_config
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError
@@ -29,9 +30,11 @@ def model_flops_per_sample(run_dir: Path) -> int:
 
 @pytest.fixture(scope="module")
 def default_size_run(cli, tmp_path_factory):
-    """seemore's default model sizes, 3 steps on the engine-free backend, every observability option on."""
+    """seemore's default model sizes (captions up to 48 characters, as the built-in data needs), 3 steps on
+    the engine-free backend, every observability option on."""
     work = tmp_path_factory.mktemp("observe")
-    overrides = ["data.synth_n=64", "train.batch_size=8", "train.max_steps=3", "log.every=1", "eval.every=2",
+    sizes = [f"model.{key}={value}" for key, value in {**SEEMORE_SIZES, "max_caption_len": 48}.items()]
+    overrides = [*sizes, "data.synth_n=64", "train.batch_size=8", "train.max_steps=3", "log.every=1", "eval.every=2",
                  "train.backend=torch", "train.device=cpu", "log.progress=false", "profile.flops_step=2",
                  "profile.torch_trace=2:3", "run.output_dir=run"]
     result = cli.ok(cli("train", *overrides, cwd=work))
@@ -53,7 +56,8 @@ def test_mfu_on_cpu_at_default_sizes_is_samples_per_s_times_flops_over_peak(defa
         assert 0 < mfu < 1
         assert mfu == pytest.approx(samples_per_s * flops / (peak * 1e12), rel=1e-4)
         assert float(row["achieved_tflops"]) == pytest.approx(samples_per_s * flops / 1e12, rel=1e-4)
-        assert float(row["tokens_per_s"]) == pytest.approx(samples_per_s * (17 + text_len), rel=1e-4)  # 16 patches + CLS
+        image_tokens = (SEEMORE_SIZES["img_size"] // SEEMORE_SIZES["patch_size"]) ** 2 + 1  # patches + CLS
+        assert float(row["tokens_per_s"]) == pytest.approx(samples_per_s * (image_tokens + text_len), rel=1e-4)
 
 
 def test_flops_profile_trace_timings_and_memory_of_the_engine_free_path(default_size_run):
