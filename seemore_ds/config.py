@@ -290,7 +290,11 @@ def validate(cfg: Config) -> None:
     for key, beta in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
         if not 0 <= beta < 1:
             raise UserError(f"config key {key} must be in [0, 1), got {beta}")
-    trace_steps(cfg.profile.torch_trace)
+    trace = trace_steps(cfg.profile.torch_trace)
+    for key, first_step in (("profile.flops_step", cfg.profile.flops_step), ("profile.torch_trace", trace and trace[0])):
+        if first_step and first_step > t.max_steps:
+            raise UserError(f"{key} starts at step {first_step}, after the last step (train.max_steps={t.max_steps}); "
+                            f"choose a step from 1 to {t.max_steps}")
     if not cfg.run.output_dir:
         raise UserError("run.output_dir must name a folder, e.g. run.output_dir=runs/first")
 

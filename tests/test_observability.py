@@ -104,6 +104,8 @@ def test_plots_of_one_run_and_of_several_overlaid(default_size_run, tiny_run, cl
     ("profile.torch_trace=4:2", "profile.torch_trace must be START:END"),
     ("profile.flops_step=-1", "profile.flops_step must be zero or more"),
     ("wandb.mode=cloud", "wandb.mode must be one of online, offline"),
+    ("profile.flops_step=2000", r"profile.flops_step starts at step 2000, after the last step \(train.max_steps=1000\)"),
+    ("profile.torch_trace=1001:1002", "profile.torch_trace starts at step 1001, after the last step"),
 ])
 def test_bad_profile_and_wandb_values_are_refused(override, message):
     with pytest.raises(UserError, match=message):
