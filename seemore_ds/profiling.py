@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,13 +119,16 @@ MIB = 2**20
 
 def memory_mib(device: torch.device) -> dict:
     """This process's memory: peak CUDA allocated/reserved since start on a GPU; resident set (now, peak) always."""
-    with open("/proc/self/statm", encoding="ascii") as handle:
-        rss_pages = int(handle.read().split()[1])
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     row = {
-        "max_allocated_mib": None, "max_reserved_mib": None,
-        "rss_mib": rss_pages * os.sysconf("SC_PAGE_SIZE") / MIB,
-        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
+        "max_allocated_mib": None, "max_reserved_mib": None, "rss_mib": None,
+        "max_rss_mib": max_rss / (MIB if sys.platform == "darwin" else 1024),
     }
+    try:  # Linux; elsewhere only the peak is known
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            row["rss_mib"] = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+    except OSError:
+        pass
     if device.type == "cuda":
         row["max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
         row["max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MIB

@@ -30,7 +30,6 @@ class RunMonitor:
         say(f"mfu: peak {self.peak_tflops:.3g} TFLOP/s per device ({source}), x {world_size} device(s)")
         self.memory_log = CSVLog(self.run_dir / MEMORY_FILE, MEMORY_COLUMNS, resume_step)
         self.trace = TorchTrace(trace_steps(cfg.profile.torch_trace), self.run_dir / TRACE_FILE, device)
-        self.flops_report: FlopsReport | None = None
         self.wandb = None
         if cfg.wandb.enabled:
             from seemore_ds.metrics.wandb_sink import WandbSink
@@ -61,14 +60,13 @@ class RunMonitor:
         else:
             forward_flops, params = self.flops_per_sample / 3 * t.batch_size, self.n_params
             source = "the model's own count"
-        self.flops_report = FlopsReport(source, params, forward_flops, t.batch_size, t.grad_accum, step_s)
-        if not profiled:
-            (self.run_dir / FLOPS_PROFILE_FILE).write_text(
-                self.flops_report.line() + "\n" + "".join(f"{k}: {v}\n" for k, v in self.flops_report.headline().items()),
-                encoding="utf-8")
-        self.say(self.flops_report.line())
+        report = FlopsReport(source, params, forward_flops, t.batch_size, t.grad_accum, step_s)
+        if not profiled:  # with a profile, the file already holds DeepSpeed's full report
+            headline = "".join(f"{key}: {value}\n" for key, value in report.headline().items())
+            (self.run_dir / FLOPS_PROFILE_FILE).write_text(report.line() + "\n" + headline, encoding="utf-8")
+        self.say(report.line())
         if self.wandb:
-            self.wandb.log(self.cfg.profile.flops_step, {f"flops_profile/{k}": v for k, v in self.flops_report.headline().items()})
+            self.wandb.log(self.cfg.profile.flops_step, {f"flops_profile/{k}": v for k, v in report.headline().items()})
 
     def throughput(self, samples_per_s: float) -> dict:
         """samples/s, tokens/s, achieved TFLOP/s and MFU over all ranks, for the loss log row."""

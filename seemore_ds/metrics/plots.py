@@ -135,9 +135,10 @@ def plot_memory(runs: list[RunLogs], out: Path, title: str) -> None:
             ax.plot(mem["step"], mem["max_allocated_mib"], color=color, label=f"{run.label} CUDA max allocated")
             ax.plot(mem["step"], mem["max_reserved_mib"], "--", color=color, label=f"{run.label} CUDA max reserved")
             top = max(top, mem["max_reserved_mib"].max())
-        if _has(mem, "rss_mib"):
-            ax.plot(mem["step"], mem["rss_mib"], ":" if on_gpu else "-", color=color, label=f"{run.label} process RSS")
-            top = max(top, mem["rss_mib"].max())
+        rss = "rss_mib" if _has(mem, "rss_mib") else "max_rss_mib"  # only the peak is known off Linux
+        if _has(mem, rss):
+            ax.plot(mem["step"], mem[rss], ":" if on_gpu else "-", color=color, label=f"{run.label} process RSS")
+            top = max(top, mem[rss].max())
     ax.set(ylabel="MiB (rank 0)", title=title)
     ax.set_ylim(0, 1.1 * top)
     _finish(fig, ax, out)
@@ -155,7 +156,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     plot_lr(runs, written[1], f"learning rate: {name}")
     plot_throughput(runs, written[2], f"throughput: {name}")
     plot_timing(runs, written[3], f"step time: {name}")
-    if any(_has(run.memory, "rss_mib") for run in runs):
+    if any(_has(run.memory, "max_rss_mib") for run in runs):
         plot_memory(runs, written[4], f"memory: {name}")
     else:  # runs logged before memory was recorded
         written.pop()
