@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     export.add_argument("--out", required=True, help="output folder, or a path ending in .safetensors")
 
-    plot = commands.add_parser("plot", help="write the PNG plots of a run folder")
-    plot.add_argument("run_dir")
-    plot.add_argument("--out", help="folder for the PNGs (default: the run folder)")
+    plot = commands.add_parser("plot", help="write the PNG plots of a run folder, or overlay several runs")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", help="folder for the PNGs (default: the run folder; needed for several runs)")
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -121,9 +121,11 @@ def cmd_export(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from seemore_ds.metrics.plots import plot_run
+    from seemore_ds.metrics.plots import plot_runs
 
-    for path in plot_run(args.run_dir, args.out):
+    if len(args.run_dirs) > 1 and not args.out:
+        raise UserError(f"plotting {len(args.run_dirs)} runs together needs a folder for the PNGs: add --out DIR")
+    for path in plot_runs(args.run_dirs, args.out or args.run_dirs[0]):
         print(path)
 
 

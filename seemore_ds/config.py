@@ -93,6 +93,23 @@ class LogConfig:
 
 
 @dataclass
+class ProfileConfig:
+    flops_step: int = 0  # optimizer step whose FLOPs are profiled into RUN/flops_profile.txt; 0: never
+    torch_trace: str = ""  # "START:END": a torch.profiler Chrome trace of those optimizer steps; empty: none
+    peak_tflops: float = 0.0  # MFU denominator per device; 0: datasheet on known GPUs, else a measured matmul
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "seemore-ds"
+    entity: str = ""  # empty: your default W&B entity
+    name: str = ""  # empty: the run folder's name
+    tags: str = ""  # comma-separated
+    mode: str = "online"  # online | offline (online without an API key falls back to offline)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -101,6 +118,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,6 +132,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.backend": ("torch", "deepspeed", "auto"),
     "train.device": ("auto", "cpu", "cuda"),
+    "wandb.mode": ("online", "offline"),
 }
 
 
@@ -256,7 +276,7 @@ def validate(cfg: Config) -> None:
         "train.lr": t.lr, "train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
         "train.grad_clip": t.grad_clip, "eval.every": cfg.eval.every, "eval.max_batches": cfg.eval.max_batches,
         "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "train.eps": t.eps,
+        "train.eps": t.eps, "profile.flops_step": cfg.profile.flops_step, "profile.peak_tflops": cfg.profile.peak_tflops,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -276,5 +296,21 @@ def validate(cfg: Config) -> None:
     for key, beta in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
         if not 0 <= beta < 1:
             raise UserError(f"config key {key} must be in [0, 1), got {beta}")
+    trace = trace_steps(cfg.profile.torch_trace)
+    for key, first_step in (("profile.flops_step", cfg.profile.flops_step), ("profile.torch_trace", trace and trace[0])):
+        if first_step and first_step > t.max_steps:
+            raise UserError(f"{key} starts at step {first_step}, after the last step (train.max_steps={t.max_steps}); "
+                            f"choose a step from 1 to {t.max_steps}")
     if not cfg.run.output_dir:
         raise UserError("run.output_dir must name a folder, e.g. run.output_dir=runs/first")
+
+
+def trace_steps(text: str) -> tuple[int, int] | None:
+    """profile.torch_trace "START:END" -> (START, END), optimizer steps counted from 1; empty -> None."""
+    if not text:
+        return None
+    start, sep, end = text.partition(":")
+    if sep and start.strip().isdigit() and end.strip().isdigit() and 1 <= int(start) <= int(end):
+        return int(start), int(end)
+    raise UserError(f"profile.torch_trace must be START:END with 1 <= START <= END (optimizer steps), e.g. "
+                    f"profile.torch_trace=5:7, got {text!r}")

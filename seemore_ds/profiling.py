@@ -1,8 +1,10 @@
-"""How close a run is to the hardware: peak matmul throughput and model FLOP utilisation (MFU).
+"""How close a run is to the hardware and where its time and memory go.
 
 MFU = achieved model FLOP/s ÷ the device's peak. On a known GPU the peak comes from the vendor's
 dense tensor-core figures below; elsewhere (any CPU, an unknown GPU) it is measured with a short
 square matmul, once per machine, thread count and dtype, and cached in ``~/.cache/seemore_ds``.
+Also here: the per-step throughput and memory figures of the logs, the headline figures of a
+FLOPs profile, and the torch.profiler trace of a window of steps.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +36,7 @@ KNOWN_PEAK_TFLOPS = {
 }
 
 PRECISION_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FLOPS_PROFILE_FILE = "flops_profile.txt"  # in the run folder
 CACHE_FILE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "seemore_ds" / "matmul_peak.json"
 
 
@@ -92,9 +98,97 @@ def peak_tflops(device: torch.device, precision: str, override: float = 0.0) -> 
     return cache[key], f"measured {precision} matmul on {name}"
 
 
-def mfu(samples_per_s: float, flops_per_sample: float, peak: float) -> float:
-    """Model FLOP utilisation: achieved model FLOP/s over the peak (TFLOP/s)."""
-    return samples_per_s * flops_per_sample / (peak * 1e12)
+def mfu(samples_per_s: float, flops_per_sample: float, peak: float, n_devices: int = 1) -> float:
+    """Model FLOP utilisation: achieved model FLOP/s over the peak (TFLOP/s per device) of all devices."""
+    return samples_per_s * flops_per_sample / (peak * 1e12 * n_devices)
+
+
+def throughput(samples_per_s: float, tokens_per_sample: int, flops_per_sample: float, peak: float,
+               n_devices: int) -> dict:
+    """The throughput columns of a log row; ``samples_per_s`` counts the samples of every rank."""
+    return {
+        "samples_per_s": samples_per_s,
+        "tokens_per_s": samples_per_s * tokens_per_sample,
+        "achieved_tflops": samples_per_s * flops_per_sample / 1e12,
+        "mfu": mfu(samples_per_s, flops_per_sample, peak, n_devices),
+    }
+
+
+MIB = 2**20
+
+
+def memory_mib(device: torch.device) -> dict:
+    """This process's memory: peak CUDA allocated/reserved since start on a GPU; resident set (now, peak) always."""
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    row = {
+        "max_allocated_mib": None, "max_reserved_mib": None, "rss_mib": None,
+        "max_rss_mib": max_rss / (MIB if sys.platform == "darwin" else 1024),
+    }
+    try:  # Linux; elsewhere only the peak is known
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            row["rss_mib"] = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+    except OSError:
+        pass
+    if device.type == "cuda":
+        row["max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
+        row["max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MIB
+    return row
+
+
+@dataclass
+class FlopsReport:
+    """Headline figures of one profiled optimizer step on one rank."""
+
+    source: str  # who counted the FLOPs
+    params: int
+    forward_flops: float  # one micro-batch's forward
+    micro_batch: int
+    grad_accum: int
+    step_s: float  # the whole optimizer step: every micro-batch's forward and backward, reduction, update
+
+    @property
+    def step_flops(self) -> float:
+        """Forward + backward (2 x forward) of every micro-batch of the step."""
+        return 3 * self.forward_flops * self.grad_accum
+
+    def headline(self) -> dict:
+        return {
+            "params": self.params, "forward_gflops": self.forward_flops / 1e9,
+            "backward_gflops": 2 * self.forward_flops / 1e9, "micro_batch": self.micro_batch,
+            "step_latency_s": self.step_s, "achieved_tflops": self.step_flops / self.step_s / 1e12,
+        }
+
+    def line(self) -> str:
+        h = self.headline()
+        return (f"flops ({self.source}): {h['params'] / 1e6:.2f}M params, forward {h['forward_gflops']:.3f} GFLOP and "
+                f"backward {h['backward_gflops']:.3f} GFLOP per micro-batch of {self.micro_batch}; step "
+                f"{h['step_latency_s'] * 1000:.1f} ms, {h['achieved_tflops']:.4f} TFLOP/s per rank")
+
+
+class TorchTrace:
+    """A torch.profiler Chrome trace of optimizer steps START..END (counted from 1), written to ``path``."""
+
+    def __init__(self, steps: tuple[int, int] | None, path: Path, device: torch.device):
+        self.steps, self.path, self.profiler = steps, path, None
+        self.activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            self.activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+    def before_step(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            self.profiler = torch.profiler.profile(activities=self.activities)
+            self.profiler.__enter__()
+
+    def after_step(self, step: int) -> None:
+        if self.profiler is not None and step >= self.steps[1]:
+            self.close()
+
+    def close(self) -> None:
+        """Stop and write the trace (also when the run ends inside the window)."""
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profiler.export_chrome_trace(str(self.path))
+            self.profiler = None
 
 
 def _read_cache() -> dict:

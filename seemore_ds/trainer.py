@@ -18,8 +18,10 @@ from seemore_ds.data.dataset import ResumableSampler, TokenizedSplit, load_capti
 from seemore_ds.errors import UserError
 from seemore_ds.evaluation import caption_matches, split_loss
 from seemore_ds.metrics.csv_log import LOSS_COLUMNS, TIMING_COLUMNS, CSVLog
+from seemore_ds.metrics.monitor import RunMonitor
 from seemore_ds.metrics.plots import plot_run
 from seemore_ds.model import SeemoreVLM
+from seemore_ds.run_summary import run_summary, summary_table, write_summary
 from seemore_ds.tokenizer import CharTokenizer
 
 BAD_ROWS_FILE = "bad_rows.csv"
@@ -105,15 +107,20 @@ class Trainer:
         self.sampler = ResumableSampler(
             len(train_data), cfg.train.batch_size, cfg.train.seed, self.backend.rank, self.backend.world_size
         )
-        self.step, self.best_val_loss = 0, float("inf")
+        self.step, self.best_val_loss, self.skipped_steps, wandb_run_id = 0, float("inf"), 0, None
         if self.resume_from:
             client_state = self.backend.load(self.resume_from)
             self.step = client_state["step"]
             self.best_val_loss = client_state["best_val_loss"]
             self.sampler.load_state_dict(client_state["sampler"])
             set_rng_state(client_state["rng"])
+            self.skipped_steps = client_state.get("skipped_steps", 0)
+            wandb_run_id = client_state.get("wandb_run_id")
+        self.monitor = None  # rank 0's
         if self.is_main:
             self._prepare_run_folder(data, model)
+            self.monitor = RunMonitor(cfg, model, self.n_params, self.backend.device, self.backend.world_size,
+                                      self.step if self.resume_from else None, wandb_run_id, self.say)
 
     def say(self, message: str) -> None:
         if self.is_main:
@@ -174,6 +181,8 @@ class Trainer:
             "rng": rng_state(),  # this rank's; backends keep each rank's client_state
             "tokenizer": self.tokenizer.to_dict(),
             "config": self.cfg.to_dict(),
+            "skipped_steps": self.skipped_steps,
+            "wandb_run_id": self.monitor.wandb_run_id if self.monitor else None,  # a resumed run continues it
         }
         self.backend.save(staging, client_state)
         self.backend.barrier()
@@ -199,33 +208,45 @@ class Trainer:
         train_loss = val_loss = val_exact = None
         last_checkpoint = None
         interval_s, interval_steps = 0.0, 0  # training time since the last log row, eval excluded
+        start_s = time.perf_counter()
         while self.step < cfg.train.max_steps:
+            if self.monitor:
+                self.monitor.before_step(self.step + 1)
             t0 = time.perf_counter()
             micro_batches = [self.train_split.batch(self.sampler.next_indices()) for _ in range(cfg.train.grad_accum)]
             data_s = time.perf_counter() - t0
             log_now = (self.step + 1) % cfg.log.every == 0 or self.step + 1 == cfg.train.max_steps
-            stats = self.backend.train_step(micro_batches, timed=log_now)
+            stats = self.backend.train_step(micro_batches, timed=log_now or self.step + 1 == cfg.profile.flops_step)
             self.step += 1
             step_s = time.perf_counter() - t0
+            self.skipped_steps += int(stats.skipped)
+            if self.monitor:
+                self.monitor.after_step(self.step, stats, self.backend)
             interval_s, interval_steps = interval_s + step_s, interval_steps + 1
             bar.update(1)
             eval_now = self._due(cfg.eval.every)
             val_loss, val_exact = self.evaluate() if eval_now else (None, None)
+            if eval_now and self.monitor:  # the evaluation gathered ZeRO-3 weights on every rank: module is local now
+                self.monitor.log_captions(self.step, self.backend.module, self.val_split, self.tokenizer)
             if log_now or eval_now:
                 train_loss = stats.loss.item()
                 samples_per_s = interval_steps * self.samples_per_step / interval_s
                 interval_s, interval_steps = 0.0, 0
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{stats.lr:.2e}", samples_per_s=f"{samples_per_s:.0f}", refresh=False)
                 if self.is_main:
-                    self.loss_log.write({
+                    loss_row = {
                         "step": self.step, "epoch": self.sampler.epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "lr": stats.lr, "grad_norm": None if stats.grad_norm is None else stats.grad_norm.item(),
-                        "samples_per_s": samples_per_s, "val_exact_match": val_exact, "loss_scale": stats.loss_scale, "skipped_steps": int(stats.skipped),
-                    })
-                    self.timing_log.write({
+                        "val_exact_match": val_exact, "loss_scale": stats.loss_scale, "skipped_steps": int(stats.skipped),
+                        **self.monitor.throughput(samples_per_s),
+                    }
+                    timing_row = {
                         "step": self.step, "data_s": data_s, "forward_s": stats.forward_s, "backward_s": stats.backward_s,
-                        "optimizer_s": stats.optimizer_s, "step_s": step_s,
-                    })
+                        "optimizer_s": stats.optimizer_s, "step_s": step_s, "backward_allreduce_s": stats.backward_allreduce_s,
+                    }
+                    self.loss_log.write(loss_row)
+                    self.timing_log.write(timing_row)
+                    self.monitor.log(self.step, loss_row, timing_row)
             if val_loss is not None:
                 self.say(f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                          f"caption exact match {val_exact:.3f}")
@@ -234,9 +255,9 @@ class Trainer:
                 if val_loss is not None:
                     self.best_val_loss = min(self.best_val_loss, val_loss)
         bar.close()
-        return self._finish(train_loss, val_loss, val_exact, last_checkpoint)
+        return self._finish(train_loss, val_loss, val_exact, last_checkpoint, time.perf_counter() - start_s)
 
-    def _finish(self, train_loss, val_loss, exact, last_checkpoint) -> TrainResult:
+    def _finish(self, train_loss, val_loss, exact, last_checkpoint, wall_s: float) -> TrainResult:
         if exact is None and self.val_split is not None:  # resumed at max_steps: nothing evaluated yet
             exact = self.exact_match()
         if self.is_main:
@@ -248,6 +269,14 @@ class Trainer:
             if exact is not None:
                 parts.append(f"caption exact match {exact:.3f} on {len(self.val_split)} held-out rows")
             self.say("; ".join(parts))
+            summary = run_summary(
+                self.run_dir, steps=self.step, samples=self.step * self.samples_per_step, wall_s=wall_s,
+                final_train_loss=train_loss, final_val_loss=val_loss,
+                best_val_loss=min(self.best_val_loss, val_loss) if val_loss is not None else self.best_val_loss,
+                skipped_steps=self.skipped_steps, checkpoint=last_checkpoint,
+                flops_per_sample=self.monitor.flops_per_sample, peak_tflops=self.monitor.peak_tflops)
+            self.say(f"summary ({write_summary(summary, self.run_dir)}):\n{summary_table(summary)}")
+            self.monitor.finish(summary)
             self.say(f"run folder: {self.run_dir}  (checkpoint: {last_checkpoint or 'none'})")
         return TrainResult(self.run_dir, self.step, train_loss, val_loss, exact, last_checkpoint)
 

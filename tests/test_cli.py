@@ -16,7 +16,7 @@ from seemore_ds.tokenizer import CharTokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LOSS_COLUMNS = ["step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "samples_per_s"]
-TIMING_COLUMNS = ["step", "data_s", "forward_s", "backward_s", "optimizer_s", "step_s"]
+TIMING_COLUMNS = ["step", "data_s", "forward_s", "backward_s", "optimizer_s", "step_s", "backward_allreduce_s"]
 
 
 def header(path) -> list[str]:
@@ -188,7 +188,8 @@ def test_eval_of_a_folder_without_checkpoints_is_one_line(cli, tmp_path):
 
 def test_plot_writes_pngs(cli, tiny_run, tmp_path):
     result = cli.ok(cli("plot", tiny_run.run_dir, "--out", tmp_path / "plots", cwd=tmp_path))
-    written = [tmp_path / "plots" / "loss_curve.png", tmp_path / "plots" / "timing_curve.png"]
+    written = [tmp_path / "plots" / name for name in
+               ("loss_curve.png", "lr_curve.png", "throughput_curve.png", "timing_curve.png", "memory_curve.png")]
     assert result.stdout.splitlines() == [str(p) for p in written]
     for path in written:
         assert_png(path)

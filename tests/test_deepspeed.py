@@ -292,3 +292,43 @@ def test_contradictions_and_unknown_autos_are_refused(tree, message):
     cfg = load_config(None, ["train.batch_size=8"])
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
         resolve_ds_config(tree, cfg, world_size=2, source="x.json")
+
+
+def test_flops_profiler_timers_and_mfu_under_two_rank_zero2(tmp_path, monkeypatch):
+    """profile.flops_step under ZeRO-2 with accumulation: DeepSpeed's report agrees with the model's own
+    FLOP count, the engine's timers fill timing_logs.csv without printing, MFU counts both ranks, and
+    only rank 0 writes to W&B."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for key in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(key, str(tmp_path / key.lower()))
+    run_dir = tmp_path / "run"
+    plan = [["train", *TINY, "train.max_steps=3", "train.grad_accum=2", "profile.flops_step=2", "wandb.enabled=true",
+             f"run.output_dir={run_dir}", "--deepspeed_config", "ds_configs/zero2.json"]]
+    result = launch(plan, tmp_path, "flops")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("flops (DeepSpeed flops profiler") == 1 and "time (ms)" not in result.stdout
+
+    report = (run_dir / "flops_profile.txt").read_text()
+    units = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+    def figure(label: str) -> float:
+        value, *unit = next(line for line in report.splitlines() if line.startswith(label)).split(":", 1)[1].split()
+        return float(value) * units[unit[0][0] if unit else ""]
+
+    assert "Profile Summary at step 2" in report and figure("params per GPU") > 0
+    cfg = load_config(str(run_dir / "config.yaml"))
+    from seemore_ds.model import SeemoreVLM
+    from seemore_ds.tokenizer import CharTokenizer
+
+    flops_per_sample = SeemoreVLM(cfg.model, CharTokenizer.load(run_dir / "tokenizer.json").vocab_size).flops_per_sample()
+    profiled_per_sample = 3 * figure("fwd flops per GPU") / cfg.train.batch_size  # one micro-batch's forward, x3
+    assert abs(profiled_per_sample / flops_per_sample - 1) <= 0.10, (profiled_per_sample, flops_per_sample)
+
+    for row in csv.DictReader(open(run_dir / "timing_logs.csv", newline="")):
+        assert all(float(row[k]) > 0 for k in ("forward_s", "backward_s", "backward_allreduce_s", "optimizer_s")), row
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["samples"] == 3 * 4 * 2 * 2  # steps x batch_size x grad_accum x ranks
+    for row in loss_rows(run_dir):
+        expected = float(row["samples_per_s"]) * flops_per_sample / (summary["peak_tflops_per_device"] * 1e12 * 2)
+        assert 0 < float(row["mfu"]) < 1 and float(row["mfu"]) == pytest.approx(expected, rel=1e-4)
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1

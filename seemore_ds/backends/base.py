@@ -46,6 +46,7 @@ class StepStats:
     forward_s: float = 0.0
     backward_s: float = 0.0
     optimizer_s: float = 0.0
+    backward_allreduce_s: float | None = None  # gradient reduction timed apart from backward_s; None: not timed
     skipped: bool = False  # fp16 overflow: the update was skipped
     loss_scale: float | None = None  # fp16 dynamic loss scale after the step
 
@@ -61,6 +62,9 @@ class Backend(Protocol):
 
     def eval_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token losses, number of tokens) for one batch, without gradients."""
+
+    def profiled_forward(self) -> tuple[float, int] | None:
+        """(forward FLOPs of one micro-batch, parameters) as an engine's flops profiler counted them; None: no profile."""
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (identity on one rank)."""

@@ -56,6 +56,13 @@ def select_accelerator(device: torch.device) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def _reset_timers(timers, names, normalizer=1.0, reset=True, memory_breakdown=False, ranks=None) -> None:
+    """DeepSpeed's ``SynchronizedWallClockTimer.log`` without the printing."""
+    for name in names:
+        if reset and name in timers.timers:
+            timers.timers[name].reset()
+
+
 def _train_arguments() -> str:
     """This run's command-line arguments from ``train`` on, for a message that says what to run."""
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -119,6 +126,9 @@ class DeepSpeedBackend:
         )
         if self._replica is not None:
             self._replica.to(device=self.device, dtype=PRECISION_DTYPES.get(self.precision, torch.float32))
+        # With wall_clock_breakdown (or the flops profiler) the engine prints its timers at every step;
+        # the trainer writes them to timing_logs.csv instead, so the engine's log call only resets them.
+        self.engine.timers.log = functools.partial(_reset_timers, self.engine.timers)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -163,12 +173,22 @@ class DeepSpeedBackend:
             total_loss += loss.detach().float()
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
+        allreduce_s = None
+        if timed and engine.wall_clock_breakdown():  # the engine's own breakdown of this optimizer step, in ms
+            ms = engine.get_wall_clock_timers()  # names from deepspeed.utils.timer's *_GLOBAL_TIMER
+            forward_s, backward_s, allreduce_s, optimizer_s = (ms[name] / 1e3 for name in ("fwd", "bwd_inner", "bwd_allreduce", "step"))
         return StepStats(
             loss=total_loss / len(micro_batches),
             grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32),
-            lr=lr, forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s,
+            lr=lr, forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s, backward_allreduce_s=allreduce_s,
             skipped=engine.skipped_steps != skipped_before, loss_scale=self._loss_scale(),
         )
+
+    def profiled_forward(self) -> tuple[float, int] | None:
+        """Set on global rank 0 once the engine has profiled its flops_profiler.profile_step."""
+        profiler = getattr(self.engine, "flops_profiler", None)
+        flops = getattr(profiler, "flops", None)
+        return (flops, profiler.params) if flops else None
 
     def _grad_norm(self) -> torch.Tensor:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]

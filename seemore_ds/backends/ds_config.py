@@ -11,8 +11,11 @@ value the YAML run config implies, as the Hugging Face Trainer does:
 - ``scheduler.params`` warmup_min_lr <- 0, warmup_max_lr <- train.lr, warmup_num_steps <-
   train.warmup_steps, total_num_steps <- train.max_steps;
 - ZeRO buckets from model.n_embd (d): reduce_bucket_size d^2, stage3_prefetch_bucket_size 0.9 d^2,
-  stage3_param_persistence_threshold 10 d.
-- ``checkpoint.use_node_local_storage`` <- checkpoint.use_node_local_storage.
+  stage3_param_persistence_threshold 10 d;
+- ``checkpoint.use_node_local_storage`` <- checkpoint.use_node_local_storage;
+- ``wall_clock_breakdown`` <- true (the engine's timers fill timing_logs.csv); ``flops_profiler`` <-
+  on at profile.flops_step, writing RUN/flops_profile.txt. A ``wandb`` monitor block is refused: the
+  trainer writes to W&B itself.
 
 A concrete JSON value that says something else than the YAML is refused, naming both. The
 resolution is a pure function of (JSON, YAML, world size), so every rank reaches the same verdict
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from seemore_ds.config import Config
 from seemore_ds.errors import UserError
+from seemore_ds.profiling import FLOPS_PROFILE_FILE
 
 AUTO = "auto"
 
@@ -125,6 +129,7 @@ def resolve_ds_config(raw: dict, cfg: Config, world_size: int, source: str = "De
     _resolve_optimizer(tree, r, cfg)
     r.fill(_block(tree, "checkpoint", source), "use_node_local_storage", "checkpoint.use_node_local_storage",
            "checkpoint.use_node_local_storage (YAML)", cfg.checkpoint.use_node_local_storage)
+    _resolve_profiling(tree, cfg, source)
     tree.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
     left = list(_auto_paths(tree))
     if left:
@@ -213,6 +218,21 @@ def _resolve_optimizer(tree: dict, r: _Resolver, cfg: Config) -> None:
         r.fill(params, "warmup_num_steps", "scheduler.params.warmup_num_steps", "train.warmup_steps", t.warmup_steps)
         if params.get("total_num_steps") == AUTO or tree["scheduler"].get("type") == "WarmupDecayLR":
             r.fill(params, "total_num_steps", "scheduler.params.total_num_steps", "train.max_steps", t.max_steps)
+
+
+def _resolve_profiling(tree: dict, cfg: Config, source: str) -> None:
+    if tree.get("wall_clock_breakdown", AUTO) == AUTO:
+        tree["wall_clock_breakdown"] = True
+    monitor = tree.get("wandb")
+    if isinstance(monitor, dict) and monitor.get("enabled"):
+        raise UserError(f"{source}: wandb.enabled=true starts DeepSpeed's own W&B writer, which would clash with "
+                        f"seemore-ds's; remove the \"wandb\" block and set wandb.enabled=true in the YAML")
+    if cfg.profile.flops_step:
+        profiler = _block(tree, "flops_profiler", source)
+        # The engine counts optimizer steps from 0, profile.flops_step from 1.
+        profiler.update(enabled=True, profile_step=cfg.profile.flops_step - 1,
+                        output_file=str(Path(cfg.run.output_dir) / FLOPS_PROFILE_FILE))
+        profiler.setdefault("detailed", True)
 
 
 def _auto_paths(tree, prefix: str = ""):

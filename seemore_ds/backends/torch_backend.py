@@ -70,6 +70,7 @@ class TorchBackend:
         return StepStats(
             loss=total_loss / len(micro_batches), grad_norm=grad_norm, lr=lr,
             forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s, skipped=skipped,
+            backward_allreduce_s=0.0,  # one process: nothing to reduce
             loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None,
         )
 
@@ -77,6 +78,9 @@ class TorchBackend:
         self.module.eval()
         with self.autocast():
             return token_loss_sum(self.module, batch.to(self.device))
+
+    def profiled_forward(self) -> None:
+        return None  # never imports DeepSpeed's profiler: the trainer uses the model's own count
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor

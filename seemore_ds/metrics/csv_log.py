@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-LOSS_COLUMNS = ["step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "samples_per_s", "val_exact_match", "loss_scale", "skipped_steps"]
-TIMING_COLUMNS = ["step", "data_s", "forward_s", "backward_s", "optimizer_s", "step_s"]
+LOSS_COLUMNS = ["step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "samples_per_s", "val_exact_match", "loss_scale", "skipped_steps",
+               "tokens_per_s", "achieved_tflops", "mfu"]
+TIMING_COLUMNS = ["step", "data_s", "forward_s", "backward_s", "optimizer_s", "step_s", "backward_allreduce_s"]
 
 
 class CSVLog:
