@@ -48,6 +48,7 @@ class StepStats:
     optimizer_s: float = 0.0
     skipped: bool = False  # fp16 overflow: the update was skipped
     loss_scale: float | None = None  # fp16 dynamic loss scale after the step
+    nonfinite: bool = False  # the loss was NaN or infinite on this rank; the update was skipped
 
 
 class Backend(Protocol):
