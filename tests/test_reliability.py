@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shlex
@@ -17,8 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from seemore_ds.__main__ import main
 from seemore_ds.manifest import MANIFEST_FILE, verify_checkpoint
 from tests.conftest import REPO, read_csv_rows
+from tests.test_deepspeed import DEEPSPEED, LAUNCH_TIMEOUT_S, free_port, launch, loss_rows
+from tests.test_deepspeed import TINY as DS_TINY
 
 LONG = ["train.max_steps=150", "log.every=1", "eval.every=0", "checkpoint.every=0"]
 
@@ -222,3 +226,56 @@ def test_export_never_unpickles_code_from_a_deepspeed_checkpoint(cli, tiny_run, 
     result = cli("export", "--checkpoint", folder, "--out", tmp_path / "export", cwd=tmp_path)
     cli.user_error(result, str(folder / "mp_rank_00_model_states.pt"), "does not load such files")
     assert not (tmp_path / "ran_code").exists()
+
+
+# --- the same under the deepspeed launcher, 2 CPU ranks ------------------------------------------
+
+DS_STEPS = 30
+
+
+def test_deepspeed_ranks_stop_together_on_a_signal_and_resume_to_the_same_losses(tmp_path):
+    """SIGTERM to the launch's whole process group, as SLURM and ``kill -- -PGID`` send it: every rank gets
+    it, and the launcher forwards another to the ranks. Both ranks save the same step and exit; a second
+    launch resumes to the uninterrupted run's losses and then meets a run whose loss turns NaN."""
+    def train_args(folder: str, *extra: str) -> list[str]:
+        return ["train", *DS_TINY, f"train.max_steps={DS_STEPS}", "checkpoint.every=0", f"run.output_dir={tmp_path / folder}",
+                "--deepspeed_config", "ds_configs/zero1.json", *extra]
+
+    plan = tmp_path / "first.json"
+    plan.write_text(json.dumps([train_args("full"), train_args("stopped")]))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                            "tests.ds_helpers", str(plan)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: logged_steps(tmp_path / "stopped") >= 3, job, timeout_s=LAUNCH_TIMEOUT_S)
+        os.killpg(job.pid, signal.SIGTERM)
+        out, err = job.communicate(timeout=120)  # until the last rank closes its end of the pipes
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    (line,) = [line for line in err.splitlines() if line.startswith("stopped by SIGTERM")]
+    stopped_at = int(line.split("after step ")[1].split(";")[0])
+    assert 3 <= stopped_at < DS_STEPS, line
+    assert "resume with: deepspeed --num_gpus 2 --module seemore_ds train" in line
+    checkpoint = tmp_path / "stopped" / "checkpoints" / f"step_{stopped_at:06d}"
+    assert {"client_state_rank0.pt", "client_state_rank1.pt"} <= {p.name for p in checkpoint.iterdir()}
+    verify_checkpoint(checkpoint)
+
+    nan_run = tmp_path / "nan"
+    second = [train_args("stopped", "train.resume=auto"),
+              ["train", *DS_TINY, "train.max_steps=20", "train.lr=1e30", "train.max_nonfinite_steps=3",
+               f"run.output_dir={nan_run}", "--deepspeed_config", "ds_configs/zero0.json"]]
+    result = launch(second, tmp_path, "second")
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    full, resumed = loss_rows(tmp_path / "full"), loss_rows(tmp_path / "stopped")
+    assert [r["step"] for r in full] == [r["step"] for r in resumed] == [str(s) for s in range(1, DS_STEPS + 1)]
+    for a, b in zip(full, resumed):
+        assert abs(float(a["train_loss"]) - float(b["train_loss"])) <= 1e-4 and a["lr"] == b["lr"], (a, b)
+
+    # ZeRO stage 0 in fp32: DeepSpeed itself would step on NaN gradients.
+    assert "NaN or infinite at 3 steps in a row, steps 2 to 4" in result.stderr
+    assert [r["skipped_steps"] for r in loss_rows(nan_run)] == ["0", "1", "1", "1"]
+    assert main(["export", "--checkpoint", str(nan_run), "--out", str(tmp_path / "export")]) == 0
+    weights = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
