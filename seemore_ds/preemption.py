@@ -34,7 +34,8 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # None: a handler installed outside Python, which cannot be put back; the default is.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:

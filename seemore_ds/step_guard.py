@@ -1,8 +1,8 @@
 """After every step, what all ranks must agree on before the next: stop on a signal, stop on a run of NaN losses.
 
 A signal may reach one rank only, and one rank's batch may give a NaN loss while another's does
-not; the two flags are summed over the ranks in one collective, so every rank saves the same step
-and stops together.
+not; the two flags are combined over the ranks in one small collective, so every rank saves the
+same step and stops together.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import shlex
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,22 +26,23 @@ from seemore_ds.preemption import Preempted, StopSignals, exit_code
 class Halt:
     """Why the run stops after this step; ``error`` turns it into the exception the CLI reports."""
 
-    message: str  # says where the checkpoint is: filled in with {checkpoint}
+    describe: Callable[[Path], str]  # the message, given the checkpoint just saved
     signum: int | None = None  # a stop signal, or None for a run of non-finite losses
 
     def error(self, checkpoint: Path, is_main: bool) -> Exception:
-        message = self.message.format(checkpoint=checkpoint)
         if self.signum is None:
-            return UserError(message)
-        return Preempted(message if is_main else "", exit_code(self.signum))
+            return UserError(self.describe(checkpoint))
+        return Preempted(self.describe(checkpoint) if is_main else "", exit_code(self.signum))
 
 
 class StepGuard:
+    """Counts non-finite losses in a row and watches for stop signals, identically on every rank."""
+
     def __init__(self, backend, train_cfg: TrainConfig, say):
         self.backend, self.lr, self.max_nonfinite_steps = backend, train_cfg.lr, train_cfg.max_nonfinite_steps
         self.say = say  # prints on rank 0
         self.signals = StopSignals()  # installed by the caller around the training loop
-        self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
+        self.nonfinite_in_a_row = 0
 
     def _agree(self, nonfinite: bool) -> tuple[int, bool]:
         """(the stop signal any rank received, or 0; whether any rank's loss was non-finite)."""
@@ -58,7 +60,6 @@ class StepGuard:
         signum, nonfinite = self._agree(stats.nonfinite)
         if nonfinite:
             self.nonfinite_in_a_row += 1
-            self.nonfinite_total += 1
             if self.nonfinite_in_a_row == 1:
                 self.say(f"step {step}: the loss is not finite on some rank; the update is skipped "
                          f"(train.max_nonfinite_steps={self.max_nonfinite_steps} in a row stop the run)")
@@ -66,16 +67,17 @@ class StepGuard:
             self.say(f"step {step}: the loss is finite again after {self.nonfinite_in_a_row} skipped step(s)")
             self.nonfinite_in_a_row = 0
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
-            first = step - self.nonfinite_in_a_row + 1
-            return Halt(
-                f"the loss was NaN or infinite at {self.nonfinite_in_a_row} steps in a row, steps {first} to {step} "
-                f"(train.max_nonfinite_steps={self.max_nonfinite_steps}); their updates were skipped, so {{checkpoint}} "
+            first, n = step - self.nonfinite_in_a_row + 1, self.nonfinite_in_a_row
+            return Halt(lambda checkpoint: (
+                f"the loss was NaN or infinite at {n} steps in a row, steps {first} to {step} "
+                f"(train.max_nonfinite_steps={self.max_nonfinite_steps}); their updates were skipped, so {checkpoint} "
                 f"holds the weights after step {first - 1}; lower train.lr (now {self.lr:g}) or check "
                 f"the data, then resume with train.resume=auto"
-            )
+            ))
         if signum:
-            return Halt(f"stopped by {signal.Signals(signum).name} after step {step}; saved {{checkpoint}}; "
-                        f"resume with: {resume_command(self.backend.world_size)}", signum)
+            command = resume_command(self.backend.world_size)
+            return Halt(lambda checkpoint: (f"stopped by {signal.Signals(signum).name} after step {step}; "
+                                            f"saved {checkpoint}; resume with: {command}"), signum)
         return None
 
 
