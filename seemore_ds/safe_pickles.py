@@ -18,10 +18,17 @@ import torch
 from seemore_ds.errors import UserError
 
 
+def _reason(err: Exception) -> str:
+    """torch's weights-only message is mostly advice; keep the line that names what was refused."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))]
+    return specific[0] if specific else lines[0] if lines else type(err).__name__
+
+
 def refused(where: Path, err: Exception) -> UserError:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(f"{where} holds a pickle with Python objects other than tensors and DeepSpeed's plain records "
-                     f"({first_line}); seemore-ds does not load such files, as unpickling them can run code")
+    return UserError(f"{where} cannot be loaded as plain data ({_reason(err)}): it is damaged, or holds Python "
+                     f"objects other than tensors and DeepSpeed's plain records, which seemore-ds does not unpickle "
+                     f"because unpickling can run code")
 
 
 @contextlib.contextmanager
