@@ -27,11 +27,11 @@ from tests.test_deepspeed import TINY as DS_TINY
 LONG = ["train.max_steps=150", "log.every=1", "eval.every=0", "checkpoint.every=0"]
 
 
-def start(args: list[str], cwd: Path, **options) -> subprocess.Popen:
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
     """``python -m seemore_ds ARGS`` in the background, as a job a scheduler may signal."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "seemore_ds", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **options)
+                            stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(condition, process: subprocess.Popen, timeout_s: float = 300, poll_s: float = 0.02) -> None:
