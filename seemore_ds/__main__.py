@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from seemore_ds.errors import UserError
+from seemore_ds.preemption import Preempted
 
 
 def _positive_int(text: str) -> int:
@@ -169,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:  # a checkpoint was saved; the message (rank 0's) says how to resume
+        if str(stop):
+            print(str(stop), file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError
+from seemore_ds.manifest import DamagedCheckpoint, verify_checkpoint
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.tokenizer import CharTokenizer
 
@@ -47,8 +48,40 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, a run folder (its ``latest``) or a ``checkpoints`` folder -> checkpoint folder."""
-    path = Path(path)
+    """A checkpoint folder, a run folder (its ``latest``) or a ``checkpoints`` folder -> checkpoint folder,
+    verified against its manifest."""
+    folder = _locate_checkpoint(Path(path))
+    verify_checkpoint(folder)
+    return folder
+
+
+def newest_intact_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint ``latest`` names, else the newest intact one, with a line for each one passed over.
+
+    None when ``root`` holds no checkpoint; a UserError when every one is damaged.
+    """
+    latest = read_pointer(root / "latest")
+    found = list_checkpoints(root)
+    candidates = ([root / latest] if latest else []) + [p for p in reversed(found) if p.name != latest]
+    notices = []
+    for folder in candidates:
+        if not folder.is_dir():
+            notices.append(f"{root / 'latest'} names {folder.name}, which is missing; looking for an older checkpoint")
+            continue
+        try:
+            verify_checkpoint(folder)
+        except DamagedCheckpoint as err:
+            notices.append(f"not resuming from {folder.name}: {err}")
+            continue
+        if notices:
+            notices.append(f"resuming from {folder} instead, the newest intact checkpoint")
+        return folder, notices
+    if notices:
+        raise UserError(f"no intact checkpoint in {root} ({notices[0]}); start over with train.resume=none")
+    return None, []
+
+
+def _locate_checkpoint(path: Path) -> Path:
     if not path.exists():
         raise UserError(f"checkpoint path {path} does not exist")
     for root in (path / CHECKPOINTS, path):
@@ -83,9 +116,9 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 
 def staging_dir(root: Path, tag: str) -> Path:
     """An empty temporary folder to write ``tag`` into before it is published."""
+    for leftover in root.glob(f"{TMP_PREFIX}*"):  # a save that was killed; its checkpoint was never published
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = root / f"{TMP_PREFIX}{tag}"
-    if staging.exists():
-        shutil.rmtree(staging)
     staging.mkdir(parents=True)
     return staging
 

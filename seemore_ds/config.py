@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     resume: str = "none"  # none | auto | PATH
     deepspeed_config: str = ""  # DeepSpeed JSON; --deepspeed_config on the command line also sets it
+    max_nonfinite_steps: int = 20  # NaN/Inf losses in a row (their updates skipped) that stop the run
 
 
 @dataclass
@@ -267,7 +268,7 @@ def validate(cfg: Config) -> None:
         "model.num_blks": m.num_blks, "model.n_embd": m.n_embd, "model.n_layer": m.n_layer, "model.n_head": m.n_head,
         "model.max_caption_len": m.max_caption_len, "train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
         "train.grad_accum": t.grad_accum, "data.synth_n": cfg.data.synth_n, "data.max_image_pixels": cfg.data.max_image_pixels,
-        "log.every": cfg.log.every,
+        "log.every": cfg.log.every, "train.max_nonfinite_steps": t.max_nonfinite_steps,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -2,12 +2,13 @@
 
 The folder holds ``model.safetensors``, ``config.yaml`` and ``tokenizer.json``, which is what
 ``checkpoint.load_model_for_inference`` (and so ``generate`` and ``eval``) reads. DeepSpeed's own
-files are pickles, so export runs them through ``torch.load``: export only checkpoints you trust.
+files are pickles; they are loaded weights-only (see ``safe_pickles``), so they cannot run code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from seemore_ds.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, resol
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError
 from seemore_ds.model import SeemoreVLM
+from seemore_ds.safe_pickles import refused, weights_only_loads
 from seemore_ds.tokenizer import CharTokenizer
 
 STAGE0_MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -41,7 +43,8 @@ def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # ZeRO 1-3 keep the fp32 master weights flattened and partitioned in the optimizer shards.
-    with contextlib.redirect_stdout(sys.stderr):  # its progress chatter is not the command's output
+    # Its progress chatter is not the command's output.
+    with weights_only_loads(folder), contextlib.redirect_stdout(sys.stderr):
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     return {name: tensor.float() for name, tensor in state.items()}
 
@@ -51,7 +54,11 @@ def _stage0_weights(folder: Path) -> dict[str, torch.Tensor]:
 
     Under bf16 at stage 0 these are the bf16 working weights (upcast here); under fp32 they are exact.
     """
-    states = torch.load(folder / STAGE0_MODEL_STATES, map_location="cpu", weights_only=False)
+    path = folder / STAGE0_MODEL_STATES
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise refused(path, err) from None
     return {name: tensor.float() for name, tensor in states["module"].items()}
 
 

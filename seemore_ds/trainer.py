@@ -17,11 +17,13 @@ from seemore_ds.data.csv_reader import summarize_bad_rows, write_bad_rows
 from seemore_ds.data.dataset import ResumableSampler, TokenizedSplit, load_caption_data, split_train_val
 from seemore_ds.errors import UserError
 from seemore_ds.evaluation import caption_matches, split_loss
+from seemore_ds.manifest import write_manifest
 from seemore_ds.metrics.csv_log import LOSS_COLUMNS, TIMING_COLUMNS, CSVLog
 from seemore_ds.metrics.monitor import RunMonitor
 from seemore_ds.metrics.plots import plot_run
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.run_summary import run_summary, summary_table, write_summary
+from seemore_ds.step_guard import StepGuard
 from seemore_ds.tokenizer import CharTokenizer
 
 BAD_ROWS_FILE = "bad_rows.csv"
@@ -57,15 +59,13 @@ def _as_python_state(state):
     return version, tuple(internal), gauss
 
 
-def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from, and notices about damaged ones ``auto`` passed over."""
     if cfg.train.resume == "none":
-        return None
+        return None, []
     if cfg.train.resume == "auto":
-        root = run_dir / ckpt.CHECKPOINTS
-        if not ckpt.read_pointer(root / "latest") and not ckpt.list_checkpoints(root):
-            return None
-        return ckpt.resolve_checkpoint(run_dir)
-    return ckpt.resolve_checkpoint(cfg.train.resume)
+        return ckpt.newest_intact_checkpoint(run_dir / ckpt.CHECKPOINTS)
+    return ckpt.resolve_checkpoint(cfg.train.resume), []
 
 
 def check_same_model(cfg: Config, saved: Config, where: Path) -> None:
@@ -89,7 +89,7 @@ class Trainer:
 
         data = load_caption_data(cfg)
         train_data, val_data = split_train_val(data, cfg.data.val_fraction, cfg.train.seed)
-        self.resume_from = find_resume_checkpoint(cfg, self.run_dir)
+        self.resume_from, self.resume_notices = find_resume_checkpoint(cfg, self.run_dir)
         if self.resume_from:
             saved = load_config(str(self.resume_from / ckpt.CONFIG_FILE))
             check_same_model(cfg, saved, self.resume_from)
@@ -101,6 +101,7 @@ class Trainer:
         self.backend = build_backend(model, cfg)
         self.is_main = self.backend.rank == 0
         self.writes_checkpoints = ckpt.writes_checkpoint_folder(self.backend.rank, cfg.checkpoint.use_node_local_storage)
+        self.guard = StepGuard(self.backend, cfg.train, self.say)
         text_len = model.text_len
         self.train_split = TokenizedSplit(train_data, self.tokenizer, text_len)
         self.val_split = TokenizedSplit(val_data, self.tokenizer, text_len) if len(val_data) else None
@@ -142,6 +143,8 @@ class Trainer:
             f"model: {self.n_params / 1e6:.2f}M parameters, {model.flops_per_sample() / 1e9:.2f} GFLOP per training sample; "
             f"backend {type(self.backend).__name__} on {self.backend.device} x {self.backend.world_size}, {self.cfg.train.precision}"
         )
+        for notice in self.resume_notices:
+            self.say(notice)
         if self.resume_from:
             self.say(f"resuming from {self.resume_from} at step {self.step}")
 
@@ -190,6 +193,7 @@ class Trainer:
         if self.writes_checkpoints:
             save_config(self.cfg, staging / ckpt.CONFIG_FILE)
             self.tokenizer.save(staging / ckpt.TOKENIZER_FILE)
+            write_manifest(staging)
             final = ckpt.publish(self.ckpt_root, staging, tag)
             if val_loss is not None and val_loss <= self.best_val_loss:
                 ckpt.write_pointer(self.ckpt_root / "best", tag)
@@ -254,6 +258,12 @@ class Trainer:
                 last_checkpoint = self.save_checkpoint(val_loss)
                 if val_loss is not None:
                     self.best_val_loss = min(self.best_val_loss, val_loss)
+            halt = self.guard.after_step(self.step, stats)  # the same answer on every rank
+            if halt:
+                if last_checkpoint is None or last_checkpoint.name != ckpt.tag_for(self.step):
+                    last_checkpoint = self.save_checkpoint(None)
+                bar.close()
+                raise halt.error(last_checkpoint, self.is_main)
         bar.close()
         return self._finish(train_loss, val_loss, val_exact, last_checkpoint, time.perf_counter() - start_s)
 
@@ -283,4 +293,6 @@ class Trainer:
 
 def train(cfg: Config) -> TrainResult:
     """Train as configured; the single entry point used by the CLI and the tests."""
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    with trainer.guard.signals:  # from the first step on, a signal saves a checkpoint before the run ends
+        return trainer.run()

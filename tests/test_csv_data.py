@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from seemore_ds.data.csv_reader import read_caption_csv, summarize_bad_rows, write_caption_csv
+from seemore_ds.data.images import read_image_file
 from seemore_ds.data.synthetic import synthetic_dataset
 from seemore_ds.errors import UserError
 
@@ -332,6 +333,60 @@ def test_fuzzed_rows_never_crash_and_are_used_or_reported(tmp_path, rows):
     assert len(images) == len(captions)
     assert len(images) + len(bad) == len(rows)
     assert sorted(b.row for b in bad) == [b.row for b in bad] and all(1 <= b.row <= len(rows) for b in bad)
+
+
+def csv_bytes(rows) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(["", "b64string_images", "caption"])
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+VALID_CSV = csv_bytes([[i, b64(GOOD_PNG), f"a red square {i}"] for i in range(3)])
+
+
+def data_records(raw: bytes) -> int:
+    """Data rows as any CSV reader sees them, counted apart from the reader under test."""
+    return sum(1 for _ in csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline="")))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, len(VALID_CSV) - 1), st.integers(0, 255)), max_size=6),
+       keep=st.integers(1, len(VALID_CSV)))
+def test_mutated_csv_files_never_crash_and_every_row_is_used_or_reported(tmp_path, flips, keep):
+    """Whole files damaged byte by byte and cut short: quotes, separators, line ends and encoding break too."""
+    raw = VALID_CSV
+    for at, value in flips:
+        raw = flip_byte(raw, at, value)
+    raw = raw[:keep]
+    (tmp_path / "mutated.csv").write_bytes(raw)
+    try:
+        images, captions, bad = read(tmp_path / "mutated.csv")
+    except UserError as err:  # a file that cannot be used at all: one line saying why
+        assert "\n" not in str(err) and str(tmp_path / "mutated.csv") in str(err)
+        return
+    assert len(images) == len(captions) >= 1
+    assert len(images) + len(bad) == data_records(raw)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["RGB png", "RGB jpeg", "P png with transparency", "I;16 png"]),
+       flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+       keep=st.integers(0, 10_000))
+def test_mutated_image_files_are_read_or_refused_in_one_line(tmp_path, kind, flips, keep):
+    """``generate --image`` reads files from disk: damaged ones are a UserError naming the file."""
+    raw = IMAGES[kind]()
+    for at, value in flips:
+        raw = flip_byte(raw, at, value)
+    path = tmp_path / "mutated.img"
+    path.write_bytes(raw[:keep])
+    try:
+        image = read_image_file(str(path), SIZE, 1_000_000)
+    except UserError as err:
+        assert "\n" not in str(err) and str(path) in str(err)
+        return
+    assert image.shape == (3, SIZE, SIZE) and image.dtype == np.uint8
 
 
 # --- through the CLI --------------------------------------------------------------------------

@@ -214,6 +214,9 @@ def test_error_on_one_rank_ends_every_rank(runs, tmp_path):
     shutil.copytree(runs / "zero1" / "resumed", run_dir)
     (shard,) = (run_dir / "checkpoints" / f"step_{FULL:06d}").glob("zero_pp_rank_1_*optim_states.pt")
     shard.write_bytes(b"not a checkpoint")
+    # Without its manifest the checkpoint loads unverified (as one of an older seemore-ds would), so the
+    # damage is met by rank 1 alone instead of being caught by every rank before loading.
+    (shard.parent / "manifest.json").unlink()
     plan = [["train", *TINY, "train.resume=auto", f"train.max_steps={FULL + 2}", f"run.output_dir={run_dir}",
              "--deepspeed_config", "ds_configs/zero1.json"]]
     result = launch(plan, tmp_path, "one_rank_fails", timeout_s=180)

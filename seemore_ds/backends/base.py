@@ -49,6 +49,7 @@ class StepStats:
     backward_allreduce_s: float | None = None  # gradient reduction timed apart from backward_s; None: not timed
     skipped: bool = False  # fp16 overflow: the update was skipped
     loss_scale: float | None = None  # fp16 dynamic loss scale after the step
+    nonfinite: bool = False  # the loss was NaN or infinite on this rank; the update was skipped
 
 
 class Backend(Protocol):

@@ -13,12 +13,12 @@ import logging
 import os
 import shlex
 import socket
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
+from seemore_ds.backends import train_arguments
 from seemore_ds.backends.base import PRECISION_DTYPES, StepStats, resolve_device, timestamp
 from seemore_ds.backends.ds_config import ds_config_for
 from seemore_ds.checkpoint import MODEL_FILE
@@ -28,6 +28,7 @@ from seemore_ds.errors import UserError
 from seemore_ds.evaluation import token_loss_sum
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import lr_multiplier, param_groups
+from seemore_ds.safe_pickles import weights_only_loads
 
 CLIENT_STATE_FILE = "client_state_rank{rank}.pt"  # DeepSpeed keeps only rank 0's client_state
 
@@ -63,12 +64,6 @@ def _reset_timers(timers, names, normalizer=1.0, reset=True, memory_breakdown=Fa
             timers.timers[name].reset()
 
 
-def _train_arguments() -> str:
-    """This run's command-line arguments from ``train`` on, for a message that says what to run."""
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    return shlex.join(args) if args[:1] == ["train"] else "train ..."
-
-
 def checkpoint_meta(checkpoint_dir: Path, rank: int = 0) -> dict:
     """What this backend wrote beside DeepSpeed's files for ``rank``: client_state, world_size, zero_stage."""
     return torch.load(checkpoint_dir / CLIENT_STATE_FILE.format(rank=rank), map_location="cpu", weights_only=True)
@@ -78,6 +73,24 @@ def saved_ranks(checkpoint_dir: Path) -> list[int]:
     """The ranks whose client_state file is in ``checkpoint_dir``, in order."""
     prefix, suffix = CLIENT_STATE_FILE.split("{rank}")
     return sorted(int(p.name[len(prefix):-len(suffix)]) for p in checkpoint_dir.glob(CLIENT_STATE_FILE.format(rank="*")))
+
+
+def _skip_nonfinite_updates(optimizer) -> None:
+    """Make a step on NaN/Inf gradients a skipped one, as ZeRO and fp16 already do.
+
+    Without them DeepSpeed steps a plain optimizer on whatever the gradients hold. The engine reads
+    ``optimizer.overflow`` after the step: it then counts a skipped step and holds the LR schedule.
+    """
+    step = optimizer.step
+
+    def step_unless_nonfinite(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        optimizer.overflow = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if not optimizer.overflow:
+            step(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.step = step_unless_nonfinite
 
 
 class DeepSpeedBackend:
@@ -129,6 +142,8 @@ class DeepSpeedBackend:
         # With wall_clock_breakdown (or the flops profiler) the engine prints its timers at every step;
         # the trainer writes them to timing_logs.csv instead, so the engine's log call only resets them.
         self.engine.timers.log = functools.partial(_reset_timers, self.engine.timers)
+        if not hasattr(self.engine.optimizer, "overflow"):
+            _skip_nonfinite_updates(self.engine.optimizer)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -182,6 +197,7 @@ class DeepSpeedBackend:
             grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32),
             lr=lr, forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s, backward_allreduce_s=allreduce_s,
             skipped=engine.skipped_steps != skipped_before, loss_scale=self._loss_scale(),
+            nonfinite=not bool(torch.isfinite(total_loss)),
         )
 
     def profiled_forward(self) -> tuple[float, int] | None:
@@ -240,14 +256,15 @@ class DeepSpeedBackend:
             raise UserError(
                 f"{checkpoint_dir} was written by {meta['world_size']} rank(s), this run has {self.world_size}; "
                 f"resume with {meta['world_size']}: deepspeed --num_gpus {meta['world_size']} --module seemore_ds "
-                f"{_train_arguments()} (other rank counts need DeepSpeed universal checkpoints, which seemore-ds does "
+                f"{shlex.join(train_arguments())} (other rank counts need DeepSpeed universal checkpoints, which seemore-ds does "
                 f"not load; the weights still export: python -m seemore_ds export --checkpoint {checkpoint_dir} --out DIR)"
             )
         if meta["zero_stage"] != self.zero_stage:
             raise UserError(f"{checkpoint_dir} was written with ZeRO stage {meta['zero_stage']}, the DeepSpeed config "
                             f"says stage {self.zero_stage}; resume with a stage-{meta['zero_stage']} config")
         own = checkpoint_meta(checkpoint_dir, self.rank)
-        path, _ = self.engine.load_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+        with weights_only_loads(checkpoint_dir):  # a checkpoint from elsewhere must not run code
+            path, _ = self.engine.load_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
         if path is None:
             raise UserError(f"DeepSpeed found no checkpoint in {checkpoint_dir}")
         self._replica_step = -1

@@ -61,17 +61,25 @@ class TorchBackend:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # A NaN/Inf loss or gradient would poison the weights and Adam's moments: skip the update and
+        # hold the LR schedule, as DeepSpeed does. (Costs one host sync per step.)
+        finite_loss = bool(torch.isfinite(total_loss))
+        # The fp16 GradScaler skips non-finite gradients itself and lowers its scale.
+        if self.scaler.is_enabled() or (finite_loss and bool(torch.isfinite(grad_norm))):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            skipped = scale_before is not None and self.scaler.get_scale() < scale_before
+        else:
+            skipped = True
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        skipped = scale_before is not None and self.scaler.get_scale() < scale_before
         optimizer_s = timestamp(self.device, timed) - t0
         return StepStats(
             loss=total_loss / len(micro_batches), grad_norm=grad_norm, lr=lr,
             forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s, skipped=skipped,
             backward_allreduce_s=0.0,  # one process: nothing to reduce
             loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None,
+            nonfinite=not finite_loss,
         )
 
     def eval_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
