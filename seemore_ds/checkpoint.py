@@ -12,9 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
+import yaml
 from safetensors.torch import load_file
 
-from seemore_ds.config import load_config
+from seemore_ds.config import Config, load_config, set_key
 from seemore_ds.errors import UserError
 from seemore_ds.manifest import DamagedCheckpoint, verify_checkpoint
 from seemore_ds.model import SeemoreVLM
@@ -23,6 +24,8 @@ from seemore_ds.tokenizer import CharTokenizer
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE = "config.yaml", "tokenizer.json", "model.safetensors"
 TMP_PREFIX = ".tmp-"
+# Keys newer than some checkpoints, with the value those checkpoints were trained with (not today's default).
+KEYS_OLDER_CHECKPOINTS_LACK = {"model.patch_embed": "patch"}
 
 
 def tag_for(step: int) -> str:
@@ -133,6 +136,18 @@ def publish(root: Path, staging: Path, tag: str) -> Path:
     return final
 
 
+def load_checkpoint_config(folder: Path) -> Config:
+    """The config a checkpoint was trained with, also for checkpoints older than some of today's keys."""
+    path = folder / CONFIG_FILE
+    cfg = load_config(str(path))
+    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for key, value in KEYS_OLDER_CHECKPOINTS_LACK.items():
+        section, name = key.split(".")
+        if name not in (saved.get(section) or {}):
+            set_key(cfg, key, value)
+    return cfg
+
+
 def load_model_for_inference(path: str | Path, device: str = "cpu"):
     """(model in eval mode, tokenizer, config) from a run folder, checkpoint folder or export.
 
@@ -145,7 +160,7 @@ def load_model_for_inference(path: str | Path, device: str = "cpu"):
             f"{folder} has no {MODEL_FILE}; a DeepSpeed checkpoint must be exported first: "
             f"python -m seemore_ds export --checkpoint {folder} --out {folder.parent / 'export'}"
         )
-    cfg = load_config(str(folder / CONFIG_FILE))
+    cfg = load_checkpoint_config(folder)
     tokenizer = CharTokenizer.load(folder / TOKENIZER_FILE)
     model = SeemoreVLM(cfg.model, tokenizer.vocab_size)
     try:

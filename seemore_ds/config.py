@@ -47,7 +47,7 @@ class ModelConfig:
     # "cls": only the CLS token, as in the original seemore.
     image_tokens: str = "patches"
     # "conv_stem": 3x3 stride-2 convolutions down to the patch grid; "patch": one patch_size convolution, as in seemore.
-    patch_embed: str = "patch"
+    patch_embed: str = "conv_stem"
 
 
 @dataclass

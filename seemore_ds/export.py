@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seemore_ds.backends.base import resolve_device
-from seemore_ds.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, resolve_checkpoint
-from seemore_ds.config import load_config
+from seemore_ds.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_checkpoint_config, resolve_checkpoint
 from seemore_ds.errors import UserError
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.safe_pickles import refused, weights_only_loads
@@ -71,7 +70,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         if not (folder / name).is_file():
             raise UserError(f"{folder} has no {name}; point --checkpoint at a checkpoint folder of a seemore-ds run")
     state = fp32_state_dict(folder)
-    cfg = load_config(str(folder / CONFIG_FILE))
+    cfg = load_checkpoint_config(folder)
     model = SeemoreVLM(cfg.model, CharTokenizer.load(folder / TOKENIZER_FILE).vocab_size)
     try:  # refuse to write weights that the inference path could not load
         model.load_state_dict(state)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from seemore_ds import checkpoint as ckpt
 from seemore_ds.backends import build_backend
-from seemore_ds.config import Config, load_config, save_config
+from seemore_ds.config import Config, save_config
 from seemore_ds.data.csv_reader import summarize_bad_rows, write_bad_rows
 from seemore_ds.data.dataset import ResumableSampler, TokenizedSplit, load_caption_data, split_train_val
 from seemore_ds.errors import UserError
@@ -91,7 +91,7 @@ class Trainer:
         train_data, val_data = split_train_val(data, cfg.data.val_fraction, cfg.train.seed)
         self.resume_from, self.resume_notices = find_resume_checkpoint(cfg, self.run_dir)
         if self.resume_from:
-            saved = load_config(str(self.resume_from / ckpt.CONFIG_FILE))
+            saved = ckpt.load_checkpoint_config(self.resume_from)
             check_same_model(cfg, saved, self.resume_from)
             self.tokenizer = CharTokenizer.load(self.resume_from / ckpt.TOKENIZER_FILE)
         else:

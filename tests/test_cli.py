@@ -205,3 +205,17 @@ def test_data_synth_writes_a_csv_and_pngs(synth_data):
     assert all(c.startswith(("a small ", "a large ")) for c in captions)
     with Image.open(pngs / "00.png") as img:
         assert img.size == (64, 64)
+
+
+def test_a_checkpoint_older_than_the_conv_stem_still_captions(cli, tiny, synth_data, tmp_path):
+    """Checkpoints from before model.patch_embed existed were trained with the single patch conv."""
+    _, pngs, _ = synth_data
+    cli.ok(cli("train", *tiny, "model.patch_embed=patch", "train.max_steps=1", "run.output_dir=old", cwd=tmp_path))
+    checkpoint = tmp_path / "old" / "checkpoints" / "step_000001"
+    config = checkpoint / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True) if "patch_embed" not in line))
+    (checkpoint / "manifest.json").unlink()  # such checkpoints had no manifest either
+    result = cli.ok(cli("generate", "--checkpoint", "old", "--image", pngs / "00.png", cwd=tmp_path))
+    assert len(result.stdout.splitlines()) == 1
+    assert cli.ok(cli("export", "--checkpoint", "old", "--out", "old_export", cwd=tmp_path))
+    assert (tmp_path / "old_export" / "model.safetensors").is_file()
