@@ -67,6 +67,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     resume: str = "none"  # none | auto | PATH
     deepspeed_config: str = ""  # DeepSpeed JSON; --deepspeed_config on the command line also sets it
+    compile: bool = False  # torch.compile the model; the first step (and the first evaluation) also compile
 
 
 @dataclass

@@ -197,6 +197,7 @@ class Trainer:
         train_loss = val_loss = val_exact = None
         last_checkpoint = None
         interval_s, interval_steps = 0.0, 0  # training time since the last log row, eval excluded
+        compiling = cfg.train.compile  # the first step of this process compiles the model
         while self.step < cfg.train.max_steps:
             t0 = time.perf_counter()
             micro_batches = [self.train_split.batch(self.sampler.next_indices()) for _ in range(cfg.train.grad_accum)]
@@ -205,15 +206,20 @@ class Trainer:
             stats = self.backend.train_step(micro_batches, timed=log_now)
             self.step += 1
             step_s = time.perf_counter() - t0
-            interval_s, interval_steps = interval_s + step_s, interval_steps + 1
+            if compiling:  # reported apart so that compilation does not pass for training speed
+                compiling = False
+                self.say(f"compile: step {self.step} took {step_s:.1f} s, compilation included; not counted in samples/s")
+            else:
+                interval_s, interval_steps = interval_s + step_s, interval_steps + 1
             bar.update(1)
             eval_now = self._due(cfg.eval.every)
             val_loss, val_exact = self.evaluate() if eval_now else (None, None)
             if log_now or eval_now:
                 train_loss = stats.loss.item()
-                samples_per_s = interval_steps * self.samples_per_step / interval_s
+                samples_per_s = interval_steps * self.samples_per_step / interval_s if interval_steps else None
                 interval_s, interval_steps = 0.0, 0
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{stats.lr:.2e}", samples_per_s=f"{samples_per_s:.0f}", refresh=False)
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{stats.lr:.2e}", refresh=False,
+                                samples_per_s="-" if samples_per_s is None else f"{samples_per_s:.0f}")
                 if self.is_main:
                     self.loss_log.write({
                         "step": self.step, "epoch": self.sampler.epoch, "train_loss": train_loss, "val_loss": val_loss,

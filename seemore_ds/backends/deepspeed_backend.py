@@ -22,6 +22,7 @@ import torch
 from seemore_ds.backends.base import PRECISION_DTYPES, StepStats, resolve_device, timestamp
 from seemore_ds.backends.ds_config import ds_config_for
 from seemore_ds.checkpoint import MODEL_FILE
+from seemore_ds.compiling import check_can_compile
 from seemore_ds.config import Config
 from seemore_ds.data.dataset import Batch
 from seemore_ds.errors import UserError
@@ -117,6 +118,9 @@ class DeepSpeedBackend:
         )
         if self._replica is not None:
             self._replica.to(device=self.device, dtype=PRECISION_DTYPES.get(self.precision, torch.float32))
+        if cfg.train.compile:
+            check_can_compile(self.device)
+            self.engine.compile()
 
     @property
     def module(self) -> torch.nn.Module:
