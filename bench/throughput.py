@@ -31,12 +31,15 @@ SEEMORE_SIZES = dict(img_size=96, patch_size=16, image_embed_dim=512, num_blks=3
                      dropout=0.1, max_caption_len=32)
 
 
-def seemore_config(batch_size: int, precision: str, image_tokens: str) -> Config:
+def seemore_config(batch_size: int, precision: str, image_tokens: str, compile: bool = False, device: str = "cpu",
+                   **sizes) -> Config:
+    """seemore's sizes (``sizes`` override some) on the engine-free backend."""
     cfg = Config()
-    for key, value in SEEMORE_SIZES.items():
+    for key, value in {**SEEMORE_SIZES, **sizes}.items():
         setattr(cfg.model, key, value)
     cfg.model.image_tokens = image_tokens
-    cfg.train.batch_size, cfg.train.precision, cfg.train.backend, cfg.train.device = batch_size, precision, "torch", "cpu"
+    cfg.train.batch_size, cfg.train.precision, cfg.train.backend, cfg.train.device = batch_size, precision, "torch", device
+    cfg.train.compile = compile
     validate(cfg)
     return cfg
 
@@ -103,10 +106,12 @@ def time_in_turns(loops: dict, steps: int, rounds: int) -> dict[str, float]:
     return elapsed
 
 
-def bench_data(n: int) -> tuple[CaptionData, CharTokenizer]:
-    pil_images, captions = synthetic_dataset(n, seed=0, size_px=SEEMORE_SIZES["img_size"])
-    captions = [c[: SEEMORE_SIZES["max_caption_len"]].strip() for c in captions]
-    images = torch.stack([torch.from_numpy(to_rgb_array(img, SEEMORE_SIZES["img_size"])) for img in pil_images])
+def bench_data(n: int, img_size: int = SEEMORE_SIZES["img_size"],
+               caption_len: int = SEEMORE_SIZES["max_caption_len"]) -> tuple[CaptionData, CharTokenizer]:
+    """The built-in images at ``img_size`` with captions cut to ``caption_len`` characters."""
+    pil_images, captions = synthetic_dataset(n, seed=0, size_px=img_size)
+    captions = [c[:caption_len].strip() for c in captions]
+    images = torch.stack([torch.from_numpy(to_rgb_array(img, img_size)) for img in pil_images])
     return CaptionData(images, captions, "bench"), CharTokenizer.from_captions(captions)
 
 
