@@ -53,7 +53,7 @@ def throughput_part(batch_size: int, steps: int, rounds: int, precisions: list[s
                     device: str) -> tuple[list[dict], str]:
     """seemore-ds (cls token, as seemore) per precision, eager and compiled, beside the straightforward loop."""
     data, tokenizer = bench_data(max(512, batch_size * 8))
-    loops, meta = {"straightforward fp32": StraightforwardLoop(data, tokenizer, batch_size)}, {}
+    loops, meta = {"straightforward fp32": StraightforwardLoop(data, tokenizer, batch_size, device)}, {}
     for precision in precisions:
         for compile in (False, True) if compiled else (False,):
             name = f"seemore-ds {precision}{' compiled' if compile else ''}"
@@ -118,7 +118,7 @@ def data_part(batch_size: int, steps: int, device: str) -> tuple[list[dict], str
     data, tokenizer = bench_data(max(256, 4 * batch_size))
     straightforward = StraightforwardLoop(data, tokenizer, batch_size)
     start, n_batches = time.perf_counter(), min(steps, len(straightforward.loader))
-    for _, batch in zip(range(n_batches), straightforward.loader):
+    for _ in zip(range(n_batches), straightforward.loader):
         pass
     decode_images_per_s = n_batches * batch_size / (time.perf_counter() - start)
     row = {"bench": "data_path", "batch_size": batch_size, "steps": len(timings),

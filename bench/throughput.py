@@ -61,7 +61,7 @@ class OurLoop:
 class StraightforwardLoop:
     """The notebook's loop: per-head attention modules, base64 decoded in every __getitem__."""
 
-    def __init__(self, data: CaptionData, tokenizer: CharTokenizer, batch_size: int):
+    def __init__(self, data: CaptionData, tokenizer: CharTokenizer, batch_size: int, device: str = "cpu"):
         torch.manual_seed(0)
         split = TokenizedSplit(data, tokenizer, SEEMORE_SIZES["max_caption_len"] + 1)
         pngs = [encode_png_base64(_to_pil(img)) for img in data.images]
@@ -69,7 +69,8 @@ class StraightforwardLoop:
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
         self.batches = iter(self.loader)
         sizes = {k: v for k, v in SEEMORE_SIZES.items() if k != "max_caption_len"}
-        self.model = StraightforwardVLM(**sizes, vocab_size=tokenizer.vocab_size, block_size=split.input_ids.shape[1])
+        self.device = torch.device(device)
+        self.model = StraightforwardVLM(**sizes, vocab_size=tokenizer.vocab_size, block_size=split.input_ids.shape[1]).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
 
     def step(self) -> float:
@@ -78,6 +79,7 @@ class StraightforwardLoop:
         except StopIteration:
             self.batches = iter(self.loader)
             images, input_ids, targets = next(self.batches)
+        images, input_ids, targets = (t.to(self.device) for t in (images, input_ids, targets))
         self.model.train()
         loss = self.model(images, input_ids, targets)
         self.optimizer.zero_grad(set_to_none=True)
