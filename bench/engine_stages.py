@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 
 import torch
@@ -21,6 +22,9 @@ from bench.throughput import OurLoop, bench_data, seemore_config, time_in_turns
 
 
 def worker(stages: list[int], steps: int, rounds: int, batch_size: int, precision: str) -> None:
+    if not torch.cuda.is_available():  # CPU ranks share the cores: more threads than cores only contend
+        ranks_here = int(os.environ.get("LOCAL_SIZE", 1))  # set by the deepspeed launcher
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
     data, tokenizer = bench_data(max(128, batch_size * 8))
     torch_loop = OurLoop(seemore_config(batch_size, precision, "patches", device="auto"), data, tokenizer)
     for stage in stages:
