@@ -27,16 +27,20 @@ from seemore_ds.data.synthetic import synthetic_dataset
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.tokenizer import CharTokenizer
 
+# seemore's own model: its sizes and its single patch_size convolution (what the straightforward loop runs).
 SEEMORE_SIZES = dict(img_size=96, patch_size=16, image_embed_dim=512, num_blks=3, n_embd=128, n_layer=8, n_head=8,
-                     dropout=0.1, max_caption_len=32)
+                     dropout=0.1, max_caption_len=32, patch_embed="patch")
 
 
-def seemore_config(batch_size: int, precision: str, image_tokens: str) -> Config:
+def seemore_config(batch_size: int, precision: str, image_tokens: str, compile: bool = False, device: str = "cpu",
+                   **sizes) -> Config:
+    """seemore's sizes (``sizes`` override some) on the engine-free backend."""
     cfg = Config()
-    for key, value in SEEMORE_SIZES.items():
+    for key, value in {**SEEMORE_SIZES, **sizes}.items():
         setattr(cfg.model, key, value)
     cfg.model.image_tokens = image_tokens
-    cfg.train.batch_size, cfg.train.precision, cfg.train.backend, cfg.train.device = batch_size, precision, "torch", "cpu"
+    cfg.train.batch_size, cfg.train.precision, cfg.train.backend, cfg.train.device = batch_size, precision, "torch", device
+    cfg.train.compile = compile
     validate(cfg)
     return cfg
 
@@ -58,15 +62,16 @@ class OurLoop:
 class StraightforwardLoop:
     """The notebook's loop: per-head attention modules, base64 decoded in every __getitem__."""
 
-    def __init__(self, data: CaptionData, tokenizer: CharTokenizer, batch_size: int):
+    def __init__(self, data: CaptionData, tokenizer: CharTokenizer, batch_size: int, device: str = "cpu"):
         torch.manual_seed(0)
         split = TokenizedSplit(data, tokenizer, SEEMORE_SIZES["max_caption_len"] + 1)
         pngs = [encode_png_base64(_to_pil(img)) for img in data.images]
         dataset = Base64CaptionDataset(pngs, split.input_ids, split.targets, SEEMORE_SIZES["img_size"])
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
         self.batches = iter(self.loader)
-        sizes = {k: v for k, v in SEEMORE_SIZES.items() if k != "max_caption_len"}
-        self.model = StraightforwardVLM(**sizes, vocab_size=tokenizer.vocab_size, block_size=split.input_ids.shape[1])
+        sizes = {k: v for k, v in SEEMORE_SIZES.items() if k not in ("max_caption_len", "patch_embed")}
+        self.device = torch.device(device)
+        self.model = StraightforwardVLM(**sizes, vocab_size=tokenizer.vocab_size, block_size=split.input_ids.shape[1]).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
 
     def step(self) -> float:
@@ -75,6 +80,7 @@ class StraightforwardLoop:
         except StopIteration:
             self.batches = iter(self.loader)
             images, input_ids, targets = next(self.batches)
+        images, input_ids, targets = (t.to(self.device) for t in (images, input_ids, targets))
         self.model.train()
         loss = self.model(images, input_ids, targets)
         self.optimizer.zero_grad(set_to_none=True)
@@ -103,10 +109,12 @@ def time_in_turns(loops: dict, steps: int, rounds: int) -> dict[str, float]:
     return elapsed
 
 
-def bench_data(n: int) -> tuple[CaptionData, CharTokenizer]:
-    pil_images, captions = synthetic_dataset(n, seed=0, size_px=SEEMORE_SIZES["img_size"])
-    captions = [c[: SEEMORE_SIZES["max_caption_len"]].strip() for c in captions]
-    images = torch.stack([torch.from_numpy(to_rgb_array(img, SEEMORE_SIZES["img_size"])) for img in pil_images])
+def bench_data(n: int, img_size: int = SEEMORE_SIZES["img_size"],
+               caption_len: int = SEEMORE_SIZES["max_caption_len"]) -> tuple[CaptionData, CharTokenizer]:
+    """The built-in images at ``img_size`` with captions cut to ``caption_len`` characters."""
+    pil_images, captions = synthetic_dataset(n, seed=0, size_px=img_size)
+    captions = [c[:caption_len].strip() for c in captions]
+    images = torch.stack([torch.from_numpy(to_rgb_array(img, img_size)) for img in pil_images])
     return CaptionData(images, captions, "bench"), CharTokenizer.from_captions(captions)
 
 

@@ -23,17 +23,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import socket
-import subprocess
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
+from bench.launch import REPO, launch_module
+
 SIZES = dict(img_size=32, patch_size=8, image_embed_dim=512, num_blks=4, n_embd=512, n_layer=12, n_head=8, dropout=0.0)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def paper_bytes(psi: int, stage: int, n: int) -> dict[str, float]:
@@ -159,14 +156,7 @@ def report(results, n: int) -> None:
 
 
 def launch(ranks: int, stages: list[int]) -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONPATH": str(REPO)}
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(port), "--module", "bench.zero_memory",
-           "--worker", "--stages", *map(str, stages)]
-    return subprocess.run(cmd, cwd=REPO, env=env).returncode
+    return launch_module(ranks, "bench.zero_memory", ["--worker", "--stages", *map(str, stages)]).returncode
 
 
 def main() -> None:

@@ -70,6 +70,7 @@ class TrainConfig:
     resume: str = "none"  # none | auto | PATH
     deepspeed_config: str = ""  # DeepSpeed JSON; --deepspeed_config on the command line also sets it
     max_nonfinite_steps: int = 20  # NaN/Inf losses in a row (their updates skipped) that stop the run
+    compile: bool = False  # torch.compile the model; the first step (and the first evaluation) also compile
 
 
 @dataclass

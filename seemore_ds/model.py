@@ -27,9 +27,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, kv_cache: dict | None = None):
+    def forward(self, x, kv_cache: dict | None = None, n_queries: int | None = None):
+        """``n_queries``: only the first n positions attend (and are returned); all positions are keys."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if n_queries is None:
+            q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        else:  # the same fused weights, split so that no query is computed for a position nobody reads
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, :n_queries], weight[:C], bias[:C]).view(B, n_queries, self.n_head, C // self.n_head).transpose(1, 2)
+            k, v = F.linear(x, weight[C:], bias[C:]).view(B, T, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if kv_cache is not None:
             if "k" in kv_cache:
                 k = torch.cat([kv_cache["k"], k], dim=2)
@@ -40,7 +46,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, q.shape[2], C)))
 
 
 class MLP(nn.Module):
@@ -64,8 +70,9 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, dropout)
 
-    def forward(self, x, kv_cache: dict | None = None):
-        x = x + self.attn(self.ln1(x), kv_cache)
+    def forward(self, x, kv_cache: dict | None = None, keep: int | None = None):
+        """``keep``: return only the first ``keep`` positions, computing attention outputs and MLP for those alone."""
+        x = x[:, :keep] + self.attn(self.ln1(x), kv_cache, n_queries=keep)
         return x + self.mlp(self.ln2(x))
 
 
@@ -111,13 +118,15 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, cfg.n_head, cfg.dropout, causal=False) for _ in range(cfg.num_blks))
         self.ln = nn.LayerNorm(dim)
 
-    def forward(self, images):
+    def forward(self, images, keep: int | None = None):
+        """(B, 1 + patches, dim), index 0 the CLS token; only the first ``keep`` tokens when given,
+        which the last block then computes alone (same result, fewer FLOPs)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, patches, dim)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.dropout(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.ln(x)  # (B, 1 + patches, dim); index 0 is CLS
+        for i, block in enumerate(self.blocks):
+            x = block(x, keep=keep if i == len(self.blocks) - 1 else None)
+        return self.ln(x)
 
 
 class Projector(nn.Module):
@@ -189,10 +198,7 @@ class SeemoreVLM(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> image tokens in the decoder's space (B, num_image_tokens, n_embd)."""
         x = images.to(self.vit.cls_token.dtype) / 127.5 - 1.0
-        feats = self.vit(x)
-        if self.cfg.image_tokens == "cls":
-            feats = feats[:, :1]
-        return self.projector(feats)
+        return self.projector(self.vit(x, keep=1 if self.cfg.image_tokens == "cls" else None))
 
     def forward(self, images, input_ids, targets=None):
         """Returns (logits over the text positions, mean loss over non-ignored targets or None)."""
@@ -242,14 +248,15 @@ class SeemoreVLM(nn.Module):
         vit_tokens = self.vit.num_patches + 1
         dec_tokens = self.num_image_tokens + self.text_len
 
-        def blocks(dim, tokens, n):  # qkv + proj + mlp (2 x 4 dim^2) linears, and QK^T, AV
-            return n * (2 * tokens * 12 * dim * dim + 2 * 2 * tokens * tokens * dim)
+        def block(dim, tokens, out):  # k, v for all tokens; q, proj, mlp (2 x 4 dim^2) for ``out``; QK^T, AV
+            return 2 * (2 * tokens + 10 * out) * dim * dim + 2 * 2 * out * tokens * dim
 
         forward = (
             conv_flops(self.vit.patch_embed, c.img_size)
-            + blocks(c.image_embed_dim, vit_tokens, c.num_blks)
+            + (c.num_blks - 1) * block(c.image_embed_dim, vit_tokens, vit_tokens)
+            + block(c.image_embed_dim, vit_tokens, self.num_image_tokens)  # the last block computes what is read
             + 2 * self.num_image_tokens * (4 * c.image_embed_dim**2 + 4 * c.image_embed_dim * c.n_embd)
-            + blocks(c.n_embd, dec_tokens, c.n_layer)
+            + c.n_layer * block(c.n_embd, dec_tokens, dec_tokens)
             + 2 * self.text_len * c.n_embd * self.vocab_size
         )
         return 3 * forward

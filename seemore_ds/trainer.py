@@ -213,6 +213,7 @@ class Trainer:
         last_checkpoint = None
         interval_s, interval_steps = 0.0, 0  # training time since the last log row, eval excluded
         start_s = time.perf_counter()
+        compiling = cfg.train.compile  # the first step of this process compiles the model
         while self.step < cfg.train.max_steps:
             if self.monitor:
                 self.monitor.before_step(self.step + 1)
@@ -226,7 +227,11 @@ class Trainer:
             self.skipped_steps += int(stats.skipped)
             if self.monitor:
                 self.monitor.after_step(self.step, stats, self.backend)
-            interval_s, interval_steps = interval_s + step_s, interval_steps + 1
+            if compiling:  # reported apart so that compilation does not pass for training speed
+                compiling = False
+                self.say(f"compile: step {self.step} took {step_s:.1f} s, compilation included; not counted in samples/s")
+            else:
+                interval_s, interval_steps = interval_s + step_s, interval_steps + 1
             bar.update(1)
             eval_now = self._due(cfg.eval.every)
             val_loss, val_exact = self.evaluate() if eval_now else (None, None)
@@ -234,9 +239,10 @@ class Trainer:
                 self.monitor.log_captions(self.step, self.backend.module, self.val_split, self.tokenizer)
             if log_now or eval_now:
                 train_loss = stats.loss.item()
-                samples_per_s = interval_steps * self.samples_per_step / interval_s
+                samples_per_s = interval_steps * self.samples_per_step / interval_s if interval_steps else None
                 interval_s, interval_steps = 0.0, 0
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{stats.lr:.2e}", samples_per_s=f"{samples_per_s:.0f}", refresh=False)
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{stats.lr:.2e}", refresh=False,
+                                samples_per_s="-" if samples_per_s is None else f"{samples_per_s:.0f}")
                 if self.is_main:
                     loss_row = {
                         "step": self.step, "epoch": self.sampler.epoch, "train_loss": train_loss, "val_loss": val_loss,

@@ -190,6 +190,22 @@ def test_conv_flops_of_the_single_patch_conv():
     assert conv_flops(model.vit.patch_embed, 16) == 2 * 4 * (8 * 8 * 3) * 32
 
 
+def test_vit_keeping_only_cls_gives_the_full_vits_cls_output_and_gradients():
+    """With image_tokens=cls the last ViT block computes the CLS token alone: the same math, fewer FLOPs."""
+    model = tiny_model(image_tokens="cls", num_blks=2).train()
+    x = random_images(3).float() / 127.5 - 1.0
+    kept = model.vit(x, keep=1)
+    kept.square().sum().backward()
+    kept_grads = [p.grad.clone() for p in model.vit.parameters()]
+    model.zero_grad()
+    full = model.vit(x)[:, :1]
+    full.square().sum().backward()
+    assert kept.shape == (3, 1, 32)
+    torch.testing.assert_close(kept, full)
+    for kept_grad, p in zip(kept_grads, model.vit.parameters()):
+        torch.testing.assert_close(kept_grad, p.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_flops_count_more_decoder_tokens_with_patches_than_cls():
     assert tiny_model(image_tokens="patches").flops_per_sample() > tiny_model(image_tokens="cls").flops_per_sample()
 

@@ -22,6 +22,7 @@ from seemore_ds.backends import train_arguments
 from seemore_ds.backends.base import PRECISION_DTYPES, StepStats, resolve_device, timestamp
 from seemore_ds.backends.ds_config import ds_config_for
 from seemore_ds.checkpoint import MODEL_FILE
+from seemore_ds.compiling import check_can_compile
 from seemore_ds.config import Config
 from seemore_ds.data.dataset import Batch
 from seemore_ds.errors import UserError
@@ -144,6 +145,9 @@ class DeepSpeedBackend:
         self.engine.timers.log = functools.partial(_reset_timers, self.engine.timers)
         if not hasattr(self.engine.optimizer, "overflow"):
             _skip_nonfinite_updates(self.engine.optimizer)
+        if cfg.train.compile:
+            check_can_compile(self.device)
+            self.engine.compile()
 
     @property
     def module(self) -> torch.nn.Module:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from seemore_ds.backends.base import PRECISION_DTYPES, StepStats, resolve_device, timestamp
 from seemore_ds.checkpoint import MODEL_FILE
+from seemore_ds.compiling import check_can_compile
 from seemore_ds.config import Config
 from seemore_ds.data.dataset import Batch
 from seemore_ds.errors import UserError
@@ -30,6 +31,9 @@ class TorchBackend:
         if precision == "fp16" and self.device.type != "cuda":
             raise UserError("train.precision=fp16 needs a CUDA GPU (CPU autocast has no fp16 loss scaling); use train.precision=bf16 on CPU")
         self.module = model.to(self.device)
+        if cfg.train.compile:
+            check_can_compile(self.device)
+            self.module.compile()
         self.train_cfg = cfg.train
         fused = self.device.type == "cuda"  # one kernel for the whole update on GPU
         self.optimizer = torch.optim.AdamW(
