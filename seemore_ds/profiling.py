@@ -103,9 +103,12 @@ def mfu(samples_per_s: float, flops_per_sample: float, peak: float, n_devices: i
     return samples_per_s * flops_per_sample / (peak * 1e12 * n_devices)
 
 
-def throughput(samples_per_s: float, tokens_per_sample: int, flops_per_sample: float, peak: float,
+def throughput(samples_per_s: float | None, tokens_per_sample: int, flops_per_sample: float, peak: float,
                n_devices: int) -> dict:
-    """The throughput columns of a log row; ``samples_per_s`` counts the samples of every rank."""
+    """The throughput columns of a log row; ``samples_per_s`` counts the samples of every rank.
+    None (the interval held only a compiling step) leaves every column empty."""
+    if samples_per_s is None:
+        return dict.fromkeys(("samples_per_s", "tokens_per_s", "achieved_tflops", "mfu"))
     return {
         "samples_per_s": samples_per_s,
         "tokens_per_s": samples_per_s * tokens_per_sample,
