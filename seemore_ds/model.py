@@ -76,6 +76,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm computed in the dtype of its running statistics (float32 unless the whole model was cast).
+
+    DeepSpeed's bf16/fp16 engines cast parameters but not buffers, and ``batch_norm`` refuses a bf16
+    input with float32 statistics; statistics of low-precision activations are better kept in float32 anyway.
+    """
+
+    def forward(self, x):
+        dtype = self.running_mean.dtype
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(
+            x.to(dtype), self.running_mean, self.running_var, self.weight.to(dtype), self.bias.to(dtype),
+            self.training, self.momentum, self.eps,
+        ).to(x.dtype)
+
+
 class ConvStem(nn.Module):
     """Patch embedding by a stack of 3x3 stride-2 convolutions (Xiao et al., 2021, "Early convolutions
     help transformers see better"), then one conv for whatever odd factor of the patch size remains.
@@ -92,7 +109,7 @@ class ConvStem(nn.Module):
             width = max(dim >> (halvings - 1 - i), 16)
             # BatchNorm: without it this stem learns shapes no faster than the single patch conv (README).
             layers += [nn.Conv2d(channels, width, kernel_size=3, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(width), nn.ReLU()]
+                       BatchNorm2d(width), nn.ReLU()]
             channels = width
         layers.append(nn.Conv2d(channels, dim, kernel_size=rest, stride=rest) if rest > 1 else nn.Conv2d(channels, dim, 1))
         self.layers = nn.Sequential(*layers)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from seemore_ds.config import ModelConfig, load_config
 from seemore_ds.data.dataset import tokenize_captions
 from seemore_ds.errors import UserError
-from seemore_ds.model import IGNORE_INDEX, SeemoreVLM, conv_flops
+from seemore_ds.model import IGNORE_INDEX, BatchNorm2d, SeemoreVLM, conv_flops
 from seemore_ds.tokenizer import CharTokenizer
 
 TINY = ModelConfig(img_size=16, patch_size=8, image_embed_dim=32, num_blks=1, n_embd=32, n_layer=1, n_head=2,
@@ -223,3 +223,16 @@ def test_impossible_sizes_are_config_errors(overrides, names):
     assert "\n" not in message
     for name in names:
         assert name in message
+
+
+def test_stem_batchnorm_matches_torch_and_takes_bf16_weights_beside_float32_statistics():
+    torch.manual_seed(0)
+    ours, reference = BatchNorm2d(4).train(), torch.nn.BatchNorm2d(4).train()
+    x = torch.randn(8, 4, 5, 5)
+    torch.testing.assert_close(ours(x), reference(x))
+    torch.testing.assert_close(ours.running_var, reference.running_var)
+    # What DeepSpeed's bf16 engine leaves: bf16 parameters and input, float32 running statistics.
+    ours.weight.data, ours.bias.data = ours.weight.data.bfloat16(), ours.bias.data.bfloat16()
+    out = ours.eval()(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference.eval()(x), atol=0.05, rtol=0.05)
