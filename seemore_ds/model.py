@@ -77,20 +77,31 @@ class Block(nn.Module):
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm computed in the dtype of its running statistics (float32 unless the whole model was cast).
+    """BatchNorm computed in the dtype of its running statistics, which a non-finite batch never enters.
 
-    DeepSpeed's bf16/fp16 engines cast parameters but not buffers, and ``batch_norm`` refuses a bf16
-    input with float32 statistics; statistics of low-precision activations are better kept in float32 anyway.
+    - DeepSpeed's bf16/fp16 engines cast parameters but not buffers, and ``batch_norm`` refuses a
+      bf16 input beside float32 statistics; statistics of low-precision activations are better kept
+      in float32 anyway.
+    - A step whose loss is NaN/Inf is skipped by the backends; its batch must not leave NaN in the
+      running statistics either (checked on the device, without a host sync).
     """
 
     def forward(self, x):
-        dtype = self.running_mean.dtype
+        dtype = x.dtype
+        x = x.to(self.running_mean.dtype)
         if self.training:
-            self.num_batches_tracked.add_(1)
-        return F.batch_norm(
-            x.to(dtype), self.running_mean, self.running_var, self.weight.to(dtype), self.bias.to(dtype),
-            self.training, self.momentum, self.eps,
-        ).to(x.dtype)
+            mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+            with torch.no_grad():
+                n = x.numel() // x.shape[1]
+                finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+                for running, batch in ((self.running_mean, mean), (self.running_var, var * n / max(n - 1, 1))):
+                    running.copy_(torch.where(finite, torch.lerp(running, batch, self.momentum), running))
+                self.num_batches_tracked.add_(finite.long())
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = self.weight.to(x.dtype) * torch.rsqrt(var + self.eps)
+        shift = self.bias.to(x.dtype) - mean * scale
+        return (x * scale[:, None, None] + shift[:, None, None]).to(dtype)
 
 
 class ConvStem(nn.Module):

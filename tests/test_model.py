@@ -236,3 +236,13 @@ def test_stem_batchnorm_matches_torch_and_takes_bf16_weights_beside_float32_stat
     out = ours.eval()(x.bfloat16())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference.eval()(x), atol=0.05, rtol=0.05)
+
+
+def test_a_non_finite_batch_leaves_the_stem_batchnorm_statistics_alone():
+    norm = BatchNorm2d(4).train()
+    norm(torch.randn(8, 4, 5, 5))
+    before = norm.running_mean.clone(), norm.running_var.clone()
+    x = torch.randn(8, 4, 5, 5)
+    x[0, 0, 0, 0] = float("nan")
+    norm(x)
+    torch.testing.assert_close((norm.running_mean, norm.running_var), before)
