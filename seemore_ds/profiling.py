@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from seemore_ds.backends.base import PRECISION_DTYPES
+
 # Dense (no sparsity) peak TFLOP/s by precision. fp32 is plain FP32, not TF32.
 # Longer names first: "H100 PCIe" must match before "H100".
 KNOWN_PEAK_TFLOPS = {
@@ -35,7 +37,6 @@ KNOWN_PEAK_TFLOPS = {
     "T4": {"fp16": 65.0, "fp32": 8.1},
 }
 
-PRECISION_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLOPS_PROFILE_FILE = "flops_profile.txt"  # in the run folder
 CACHE_FILE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "seemore_ds" / "matmul_peak.json"
 
@@ -93,7 +94,7 @@ def peak_tflops(device: torch.device, precision: str, override: float = 0.0) -> 
     key = f"{name}|{precision}"
     cache = _read_cache()
     if key not in cache:
-        cache[key] = measure_matmul_tflops(PRECISION_TORCH_DTYPES[precision], device)
+        cache[key] = measure_matmul_tflops(PRECISION_DTYPES.get(precision, torch.float32), device)
         _write_cache(cache)
     return cache[key], f"measured {precision} matmul on {name}"
 
