@@ -29,7 +29,8 @@ from seemore_ds.tokenizer import CharTokenizer
 
 # seemore's own model: its sizes and its single patch_size convolution (what the straightforward loop runs).
 SEEMORE_SIZES = dict(img_size=96, patch_size=16, image_embed_dim=512, num_blks=3, n_embd=128, n_layer=8, n_head=8,
-                     dropout=0.1, max_caption_len=32, patch_embed="patch")
+                     dropout=0.1, max_caption_len=32, patch_embed="patch",
+                     patch_norm=False)
 
 
 def seemore_config(batch_size: int, precision: str, image_tokens: str, compile: bool = False, device: str = "cpu",
@@ -69,7 +70,7 @@ class StraightforwardLoop:
         dataset = Base64CaptionDataset(pngs, split.input_ids, split.targets, SEEMORE_SIZES["img_size"])
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
         self.batches = iter(self.loader)
-        sizes = {k: v for k, v in SEEMORE_SIZES.items() if k not in ("max_caption_len", "patch_embed")}
+        sizes = {k: v for k, v in SEEMORE_SIZES.items() if k not in ("max_caption_len", "patch_embed", "patch_norm")}
         self.device = torch.device(device)
         self.model = StraightforwardVLM(**sizes, vocab_size=tokenizer.vocab_size, block_size=split.input_ids.shape[1]).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)

@@ -25,7 +25,7 @@ CHECKPOINTS = "checkpoints"
 CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE = "config.yaml", "tokenizer.json", "model.safetensors"
 TMP_PREFIX = ".tmp-"
 # Keys newer than some checkpoints, with the value those checkpoints were trained with (not today's default).
-KEYS_OLDER_CHECKPOINTS_LACK = {"model.patch_embed": "patch"}
+KEYS_OLDER_CHECKPOINTS_LACK = {"model.patch_embed": "patch", "model.patch_norm": False}
 
 
 def tag_for(step: int) -> str:

@@ -48,6 +48,9 @@ class ModelConfig:
     image_tokens: str = "patches"
     # "conv_stem": 3x3 stride-2 convolutions down to the patch grid; "patch": one patch_size convolution, as in seemore.
     patch_embed: str = "conv_stem"
+    # LayerNorm on each patch embedding before the positions are added, so that the image, not the
+    # position table, dominates the ViT's input from the first step (README "It learns").
+    patch_norm: bool = True
 
 
 @dataclass

@@ -130,7 +130,7 @@ class ConvStem(nn.Module):
 
 
 class ViT(nn.Module):
-    """Convolutional patch embedding, CLS token, learned positions, pre-LN blocks."""
+    """Convolutional patch embedding (optionally LayerNormed), CLS token, learned positions, pre-LN blocks."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -140,6 +140,7 @@ class ViT(nn.Module):
             self.patch_embed = ConvStem(cfg.patch_size, dim)
         else:  # seemore's single patch_size x patch_size convolution
             self.patch_embed = nn.Conv2d(3, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_norm = nn.LayerNorm(dim) if cfg.patch_norm else nn.Identity()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
         self.dropout = nn.Dropout(cfg.dropout)
@@ -149,7 +150,7 @@ class ViT(nn.Module):
     def forward(self, images, keep: int | None = None):
         """(B, 1 + patches, dim), index 0 the CLS token; only the first ``keep`` tokens when given,
         which the last block then computes alone (same result, fewer FLOPs)."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, patches, dim)
+        x = self.patch_norm(self.patch_embed(images).flatten(2).transpose(1, 2))  # (B, patches, dim)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):

@@ -208,12 +208,15 @@ def test_data_synth_writes_a_csv_and_pngs(synth_data):
 
 
 def test_a_checkpoint_older_than_the_conv_stem_still_captions(cli, tiny, synth_data, tmp_path):
-    """Checkpoints from before model.patch_embed existed were trained with the single patch conv."""
+    """Checkpoints from before model.patch_embed and model.patch_norm existed were trained with the
+    single patch conv and no patch LayerNorm."""
     _, pngs, _ = synth_data
-    cli.ok(cli("train", *tiny, "model.patch_embed=patch", "train.max_steps=1", "run.output_dir=old", cwd=tmp_path))
+    cli.ok(cli("train", *tiny, "model.patch_embed=patch", "model.patch_norm=false", "train.max_steps=1",
+               "run.output_dir=old", cwd=tmp_path))
     checkpoint = tmp_path / "old" / "checkpoints" / "step_000001"
     config = checkpoint / "config.yaml"
-    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True) if "patch_embed" not in line))
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if "patch_embed" not in line and "patch_norm" not in line))
     (checkpoint / "manifest.json").unlink()  # such checkpoints had no manifest either
     result = cli.ok(cli("generate", "--checkpoint", "old", "--image", pngs / "00.png", cwd=tmp_path))
     assert len(result.stdout.splitlines()) == 1
