@@ -1,19 +1,22 @@
 """Decoded dataset, deterministic split, tokenised tensors, a resumable sharded sampler and batches.
 
-Images are decoded once into one uint8 tensor; captions are tokenised once into two int64
-tensors. A split is a list of rows of that tensor, never a copy of them, and a batch is three
-index operations, so the data path costs next to nothing.
+Images are decoded once into one uint8 tensor (with the image cache, one memory-mapped file per
+node); captions are tokenised once into two int64 tensors. A split is a list of rows of that
+tensor, never a copy of them, and a batch is three index operations, so the data path costs next
+to nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from seemore_ds.config import Config
 from seemore_ds.data.csv_reader import BadRow, read_caption_csv
+from seemore_ds.data.image_cache import cache_key, load_or_decode
 from seemore_ds.data.images import to_rgb_array
 from seemore_ds.data.synthetic import synthetic_dataset
 from seemore_ds.errors import UserError
@@ -23,11 +26,13 @@ from seemore_ds.tokenizer import CharTokenizer
 
 @dataclass
 class CaptionData:
-    images: torch.Tensor  # uint8 (M, 3, S, S), possibly shared with other splits
+    images: torch.Tensor  # uint8 (M, 3, S, S), possibly shared with other splits and, mapped, with other processes
     captions: list[str]
     source: str  # the CSV path, or "built-in synthetic (N)"
     bad_rows: list[BadRow] = field(default_factory=list)
     rows: torch.Tensor | None = None  # this data's rows of ``images``, in order; None: all of them
+    decoded: bool = True  # False: this process mapped images another process decoded into the cache
+    cache_file: Path | None = None  # the image cache's file ``images`` is mapped from
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -37,17 +42,22 @@ class CaptionData:
         return self.images[indices if self.rows is None else self.rows[indices]]
 
     def subset(self, indices: torch.Tensor) -> "CaptionData":
-        """Rows ``indices`` of this data, sharing its images rather than copying them."""
+        """Rows ``indices`` of this data, sharing its images: a split of a mapped cache stays mapped."""
         rows = indices if self.rows is None else self.rows[indices]
         return CaptionData(self.images, [self.captions[i] for i in indices.tolist()], self.source, rows=rows)
 
 
-def load_caption_data(cfg: Config, csv_path: str | None = None) -> CaptionData:
-    """The configured CSV (or ``csv_path``), else the built-in synthetic dataset; decoded once."""
+def load_caption_data(cfg: Config, csv_path: str | None = None, cache_dir: Path | None = None) -> CaptionData:
+    """The configured CSV (or ``csv_path``), else the built-in synthetic dataset; decoded once, and with
+    ``cache_dir`` once per node: the first process writes the decoded images there, the others map them."""
     path = cfg.data.csv if csv_path is None else csv_path
     source = path or f"built-in synthetic ({cfg.data.synth_n} images)"
-    images, captions, bad = decode_caption_data(cfg, path)
-    return CaptionData(torch.from_numpy(images), captions, source, bad)
+    if cache_dir is None:
+        images, captions, bad = decode_caption_data(cfg, path)
+        return CaptionData(torch.from_numpy(images), captions, source, bad)
+    key = cache_key(cfg, path)
+    images, captions, bad, decoded = load_or_decode(cache_dir, key, lambda: decode_caption_data(cfg, path))
+    return CaptionData(images, captions, source, bad, decoded=decoded, cache_file=cache_dir / f"{key}.u8")
 
 
 def decode_caption_data(cfg: Config, csv_path: str) -> tuple[np.ndarray, list[str], list[BadRow]]:
