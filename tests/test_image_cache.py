@@ -76,7 +76,7 @@ def test_a_cache_hit_gives_what_decoding_gives(tmp_path, tiny_csv, source):
     if source == "csv":
         assert [b.row for b in mapped.bad_rows] == [3, 8, 13, 18]
     assert built.cache_file.stat().st_size == decoded.images.nbytes
-    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".u8"]
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".u8"]
 
 
 @pytest.mark.parametrize("change, refusal", [
@@ -101,7 +101,7 @@ def test_a_changed_setting_never_reuses_the_entry(tmp_path, tiny_csv, change, re
 def test_a_changed_csv_or_built_in_dataset_never_reuses_the_entry(tmp_path, tiny_csv):
     cfg = config(f"data.csv={tiny_csv}")
     load_caption_data(cfg, cache_dir=tmp_path / "cache")
-    write_tiny_csv(tiny_csv, first_caption="an edited caption")  # same path, same size class, new bytes
+    write_tiny_csv(tiny_csv, first_caption="an edited caption")  # same path, new bytes
     edited = load_caption_data(cfg, cache_dir=tmp_path / "cache")
     assert edited.decoded and edited.captions[0] == "an edited caption"
     assert_same_data(edited, load_caption_data(cfg))

@@ -1,10 +1,10 @@
 """Decoded images written once per node to a uint8 file that every rank memory-maps.
 
 Without the cache every rank decodes every image itself and holds its own copy. With it the first
-process to take the entry's lock decodes and writes ``KEY.u8`` (the images, uint8 (N, 3, S, S) in
-C order) and ``KEY.json`` (shape, captions, skipped rows); the other processes wait on the lock,
-then every process maps ``KEY.u8`` read-only, so the OS page cache holds the pixels once per node
-however many ranks read them.
+process of a node to take the entry's lock decodes and writes ``KEY.u8`` (the images, uint8
+(N, 3, S, S) in C order) and ``KEY.json`` (shape, captions, skipped rows); the other processes wait
+on the lock, then every process maps ``KEY.u8`` read-only, so the OS page cache holds the pixels
+once per node however many ranks read them.
 
 KEY hashes everything the decoded result depends on (see ``cache_key``), so a changed CSV or
 setting never meets a stale entry; an entry no longer asked for is left alone. Both files are
@@ -15,10 +15,12 @@ and a truncated image file is decoded again.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import math
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,25 +55,14 @@ def cache_key(cfg: Config, csv_path: str) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()[:24]
 
 
-def load_or_decode(folder: Path, key: str, decode: Callable[[], Decoded]) -> tuple[torch.Tensor, list[str], list[BadRow], bool]:
+def load_or_decode(folder: Path, key: str,
+                   decode: Callable[[], Decoded]) -> tuple[torch.Tensor, list[str], list[BadRow], bool]:
     """(images mapped from ``folder/KEY.u8``, captions, skipped rows, whether this process decoded them),
     calling ``decode`` only when no whole entry exists yet."""
     found = _map_entry(folder, key)
     if found:
         return (*found, False)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / f"{key}.lock", "a")
-    except OSError as err:
-        raise _unwritable(folder, err) from None
-    with lock:
-        try:
-            # One process per node decodes while the others wait here; the kernel releases the lock if
-            # the holder dies, and the next one decodes. Where the filesystem has no locks every process
-            # decodes: still correct, each writes its own temporary file and the renames replace equal files.
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:
-            pass
+    with _node_lock(key):
         found = _map_entry(folder, key)  # written while this process waited
         if found:
             return (*found, False)
@@ -83,12 +74,30 @@ def load_or_decode(folder: Path, key: str, decode: Callable[[], Decoded]) -> tup
         return (*_map_entry(folder, key), True)
 
 
+@contextlib.contextmanager
+def _node_lock(key: str):
+    """Held by one process of this node at a time: the others wait here while it decodes. A file lock
+    needs no process group (there is none yet when the data loads) and the kernel releases it if its
+    holder dies, so the next process decodes instead. It lives in the node's temporary folder, not in
+    the cache folder, so that data refused while decoding leaves no folder behind. Where no lock can
+    be taken every process decodes: still correct, each writes its own temporary file and the renames
+    replace equal files."""
+    with contextlib.ExitStack() as held:
+        try:
+            handle = held.enter_context(open(Path(tempfile.gettempdir()) / f"seemore-ds-image-cache-{key}.lock", "a"))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
 def _unwritable(folder: Path, err: OSError) -> UserError:
     return UserError(f"cannot write the image cache in {folder}: {err.strerror}; set data.cache_dir to a writable "
                      f"folder with room for the decoded images, or data.cache=false")
 
 
 def _write_entry(folder: Path, key: str, pixels: np.ndarray, captions: list[str], bad_rows: list[BadRow]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     write_atomically(folder / f"{key}.u8", memoryview(np.ascontiguousarray(pixels)).cast("B"))
     meta = {"format": FORMAT_VERSION, "shape": list(pixels.shape), "captions": captions,
             "bad_rows": [[b.row, b.reason] for b in bad_rows]}
