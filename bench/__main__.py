@@ -1,6 +1,6 @@
 """The benchmark suite: how close seemore-ds trains to the hardware's limit, in one command.
 
-    python -m bench [--parts throughput,mfu,data,engine,scaling] [--device cpu] [--precisions fp32,bf16]
+    python -m bench [--parts throughput,mfu,data,cache,engine,scaling] [--device cpu] [--precisions fp32,bf16]
                     [--no-compile] [--steps 4] [--rounds 2] [--batch-size 16]
 
 Prints one JSON line per figure as it is measured, then a Markdown table per part for the README.
@@ -18,10 +18,11 @@ import time
 import torch
 
 from bench.engine_stages import engine_part
+from bench.image_cache import cache_part
 from bench.suite import data_part, default_precisions, mfu_part, scaling_part, throughput_part
 from seemore_ds.backends.base import resolve_device
 
-PARTS = ("throughput", "mfu", "data", "engine", "scaling")
+PARTS = ("throughput", "mfu", "data", "cache", "engine", "scaling")
 
 
 def main() -> None:
@@ -53,6 +54,7 @@ def main() -> None:
                                               not args.no_compile, dev),
         "mfu": lambda: mfu_part(args.mfu_batch_size, max(1, args.steps // 2), args.rounds, precisions, dev),
         "data": lambda: data_part(args.batch_size, 2 * args.steps, dev),
+        "cache": lambda: cache_part(2, 3000, 64),  # the built-in dataset's size, at 2 ranks
         "engine": lambda: engine_part([int(n) for n in args.engine_ranks.split(",")],
                                       [int(s) for s in args.engine_stages.split(",")], max(1, args.steps // 2),
                                       args.rounds, args.engine_batch_size, precisions[0]),

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
+from seemore_ds.atomic_files import write_atomically
 from seemore_ds.config import Config, load_config, set_key
 from seemore_ds.errors import UserError
 from seemore_ds.manifest import DamagedCheckpoint, verify_checkpoint
@@ -34,9 +35,7 @@ def tag_for(step: int) -> str:
 
 def write_pointer(path: Path, tag: str) -> None:
     """Atomically replace a pointer file (``latest``/``best``) with a checkpoint tag."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(tag + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, (tag + "\n").encode("utf-8"))
 
 
 def read_pointer(path: Path) -> str | None:

@@ -30,6 +30,12 @@ class DataConfig:
     val_fraction: float = 0.1
     synth_n: int = 3000  # size of the built-in dataset
     max_image_pixels: int = 64_000_000  # larger images are refused as decompression bombs
+    # Decode the images once per node into a uint8 file every rank memory-maps, instead of once per rank.
+    cache: bool = True
+    # Empty: RUN/cache. In the run folder by default because it then goes wherever the run's files go
+    # (shared storage or each node's disk), a resumed run finds it, and deleting the run deletes it;
+    # a folder of your own shares the decoded images between runs of the same data.
+    cache_dir: str = ""
 
 
 @dataclass

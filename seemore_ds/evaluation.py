@@ -64,7 +64,7 @@ def caption_matches(model: SeemoreVLM, split: TokenizedSplit, tokenizer: CharTok
     """(rows whose greedy caption equals the reference exactly, rows checked) on this rank's share
     of the first ``max_rows`` rows (0: all)."""
     indices = torch.arange(rank, min(len(split), max_rows or len(split)), world_size)
-    predicted = generate_captions(model, split.images[indices], tokenizer, batch_size)
+    predicted = generate_captions(model, split.data.images_at(indices), tokenizer, batch_size)
     references = [split.data.captions[i] for i in indices.tolist()]
     return sum(p == r for p, r in zip(predicted, references)), len(references)
 

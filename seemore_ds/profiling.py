@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from seemore_ds.atomic_files import write_atomically
 from seemore_ds.backends.base import PRECISION_DTYPES
 
 # Dense (no sparsity) peak TFLOP/s by precision. fp32 is plain FP32, not TF32.
@@ -205,8 +206,6 @@ def _read_cache() -> dict:
 def _write_cache(cache: dict) -> None:
     try:
         CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = CACHE_FILE.with_name(CACHE_FILE.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1), encoding="utf-8")
-        os.replace(tmp, CACHE_FILE)
+        write_atomically(CACHE_FILE, json.dumps(cache, indent=1).encode("utf-8"))
     except OSError:
         pass  # an unwritable cache only costs a re-measurement next time

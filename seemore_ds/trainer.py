@@ -87,7 +87,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
 
-        data = load_caption_data(cfg)
+        cache_dir = Path(cfg.data.cache_dir or self.run_dir / "cache") if cfg.data.cache else None
+        data = load_caption_data(cfg, cache_dir=cache_dir)
         train_data, val_data = split_train_val(data, cfg.data.val_fraction, cfg.train.seed)
         self.resume_from, self.resume_notices = find_resume_checkpoint(cfg, self.run_dir)
         if self.resume_from:
@@ -99,6 +100,8 @@ class Trainer:
         model = SeemoreVLM(cfg.model, self.tokenizer.vocab_size)
         self.n_params = model.num_params()  # counted before ZeRO-3 partitions the parameters away
         self.backend = build_backend(model, cfg)
+        # Processes that decoded rather than mapped the image cache, said on the console; every rank counts.
+        decoders = self.backend.all_reduce_sum(torch.tensor([float(data.decoded)], device=self.backend.device))
         self.is_main = self.backend.rank == 0
         self.writes_checkpoints = ckpt.writes_checkpoint_folder(self.backend.rank, cfg.checkpoint.use_node_local_storage)
         self.guard = StepGuard(self.backend, cfg.train, self.say)
@@ -119,7 +122,7 @@ class Trainer:
             wandb_run_id = client_state.get("wandb_run_id")
         self.monitor = None  # rank 0's
         if self.is_main:
-            self._prepare_run_folder(data, model)
+            self._prepare_run_folder(data, model, int(decoders.item()))
             self.monitor = RunMonitor(cfg, model, self.n_params, self.backend.device, self.backend.world_size,
                                       self.step if self.resume_from else None, wandb_run_id, self.say)
 
@@ -127,7 +130,7 @@ class Trainer:
         if self.is_main:
             tqdm.write(message)
 
-    def _prepare_run_folder(self, data, model: SeemoreVLM) -> None:
+    def _prepare_run_folder(self, data, model: SeemoreVLM, decoders: int) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / ckpt.CONFIG_FILE)
         self.tokenizer.save(self.run_dir / ckpt.TOKENIZER_FILE)
@@ -136,6 +139,9 @@ class Trainer:
         self.timing_log = CSVLog(self.run_dir / "timing_logs.csv", TIMING_COLUMNS, resume_step)
         n_train, n_val = len(self.train_split), len(self.val_split) if self.val_split else 0
         self.say(f"data: {data.source}: {len(data)} rows used, {n_train} train / {n_val} val, vocab {self.tokenizer.vocab_size}")
+        if data.cache_file:
+            how = f"decoded by {decoders} of {self.backend.world_size} process(es)" if decoders else "decoded earlier"
+            self.say(f"data: image cache {data.cache_file} ({data.images.nbytes / 2**20:.1f} MiB), {how}; every rank maps it")
         if data.bad_rows:
             write_bad_rows(data.bad_rows, self.run_dir / BAD_ROWS_FILE)
             self.say(f"data: {summarize_bad_rows(data.bad_rows)}; row numbers and reasons in {self.run_dir / BAD_ROWS_FILE}")

@@ -32,7 +32,7 @@ def test_split_is_deterministic_from_the_seed_and_partitions_the_rows():
     assert len(val) == 10 and len(train) == 40
     assert sorted(train.captions + val.captions, key=int) == data.captions
     # Images travel with their captions.
-    assert [int(img[0, 0, 0]) for img in val.images] == [int(c) for c in val.captions]
+    assert [int(img[0, 0, 0]) for img in val.images_at(torch.arange(len(val)))] == [int(c) for c in val.captions]
 
 
 @pytest.mark.parametrize("n, fraction, n_val", [(10, 0.0, 0), (1, 0.5, 0), (2, 0.01, 1), (3, 0.99, 2), (7, 0.5, 4)])

@@ -1,18 +1,22 @@
 """Decoded dataset, deterministic split, tokenised tensors, a resumable sharded sampler and batches.
 
-Images are decoded once into one uint8 tensor; captions are tokenised once into two int64
-tensors. A batch is then three index operations, so the data path costs next to nothing.
+Images are decoded once into one uint8 tensor (with the image cache, one memory-mapped file per
+node); captions are tokenised once into two int64 tensors. A split is a list of rows of that
+tensor, never a copy of them, and a batch is three index operations, so the data path costs next
+to nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from seemore_ds.config import Config
 from seemore_ds.data.csv_reader import BadRow, read_caption_csv
+from seemore_ds.data.image_cache import cache_key, load_or_decode
 from seemore_ds.data.images import to_rgb_array
 from seemore_ds.data.synthetic import synthetic_dataset
 from seemore_ds.errors import UserError
@@ -22,29 +26,47 @@ from seemore_ds.tokenizer import CharTokenizer
 
 @dataclass
 class CaptionData:
-    images: torch.Tensor  # uint8 (N, 3, S, S)
+    images: torch.Tensor  # uint8 (M, 3, S, S), possibly shared with other splits and, mapped, with other processes
     captions: list[str]
     source: str  # the CSV path, or "built-in synthetic (N)"
     bad_rows: list[BadRow] = field(default_factory=list)
+    rows: torch.Tensor | None = None  # this data's rows of ``images``, in order; None: all of them
+    decoded: bool = True  # False: this process mapped images another process decoded into the cache
+    cache_file: Path | None = None  # the image cache's file ``images`` is mapped from
 
     def __len__(self) -> int:
         return len(self.captions)
 
+    def images_at(self, indices: torch.Tensor) -> torch.Tensor:
+        """The images of this data's rows ``indices``, as a new tensor."""
+        return self.images[indices if self.rows is None else self.rows[indices]]
+
     def subset(self, indices: torch.Tensor) -> "CaptionData":
-        return CaptionData(self.images[indices], [self.captions[i] for i in indices.tolist()], self.source)
+        """Rows ``indices`` of this data, sharing its images: a split of a mapped cache stays mapped."""
+        rows = indices if self.rows is None else self.rows[indices]
+        return CaptionData(self.images, [self.captions[i] for i in indices.tolist()], self.source, rows=rows)
 
 
-def load_caption_data(cfg: Config, csv_path: str | None = None) -> CaptionData:
-    """The configured CSV (or ``csv_path``), else the built-in synthetic dataset; decoded once."""
+def load_caption_data(cfg: Config, csv_path: str | None = None, cache_dir: Path | None = None) -> CaptionData:
+    """The configured CSV (or ``csv_path``), else the built-in synthetic dataset; decoded once, and with
+    ``cache_dir`` once per node: the first process writes the decoded images there, the others map them."""
     path = cfg.data.csv if csv_path is None else csv_path
-    if path:
-        images, captions, bad = read_caption_csv(
-            path, cfg.model.img_size, cfg.model.max_caption_len, cfg.data.max_image_pixels, cfg.data.on_bad_row
-        )
-        return CaptionData(torch.from_numpy(images), captions, path, bad)
+    source = path or f"built-in synthetic ({cfg.data.synth_n} images)"
+    if cache_dir is None:
+        images, captions, bad = decode_caption_data(cfg, path)
+        return CaptionData(torch.from_numpy(images), captions, source, bad)
+    key = cache_key(cfg, path)
+    images, captions, bad, decoded = load_or_decode(cache_dir, key, lambda: decode_caption_data(cfg, path))
+    return CaptionData(images, captions, source, bad, decoded=decoded, cache_file=cache_dir / f"{key}.u8")
+
+
+def decode_caption_data(cfg: Config, csv_path: str) -> tuple[np.ndarray, list[str], list[BadRow]]:
+    """(uint8 images (N, 3, S, S), captions, skipped rows) of the CSV; empty ``csv_path``: the built-in dataset."""
+    if csv_path:
+        return read_caption_csv(csv_path, cfg.model.img_size, cfg.model.max_caption_len, cfg.data.max_image_pixels,
+                                cfg.data.on_bad_row)
     pil_images, captions = synthetic_dataset(cfg.data.synth_n, seed=cfg.train.seed, size_px=cfg.model.img_size)
-    images = np.stack([to_rgb_array(img, cfg.model.img_size) for img in pil_images])
-    return CaptionData(torch.from_numpy(images), captions, f"built-in synthetic ({cfg.data.synth_n} images)")
+    return np.stack([to_rgb_array(img, cfg.model.img_size) for img in pil_images]), captions, []
 
 
 def split_train_val(data: CaptionData, val_fraction: float, seed: int) -> tuple[CaptionData, CaptionData]:
@@ -83,16 +105,12 @@ class TokenizedSplit:
     def __init__(self, data: CaptionData, tokenizer: CharTokenizer, text_len: int):
         self.data = data
         self.input_ids, self.targets = tokenize_captions(data.captions, tokenizer, text_len)
-        if torch.cuda.is_available():  # pinned host memory makes the copy to the GPU asynchronous
-            self.images, self.input_ids, self.targets = (t.pin_memory() for t in (data.images, self.input_ids, self.targets))
-        else:
-            self.images = data.images
 
     def __len__(self) -> int:
         return len(self.data)
 
     def batch(self, indices: torch.Tensor) -> Batch:
-        return Batch(self.images[indices], self.input_ids[indices], self.targets[indices])
+        return Batch(self.data.images_at(indices), self.input_ids[indices], self.targets[indices])
 
     def sequential_batches(self, batch_size: int, rank: int = 0, world_size: int = 1, max_batches: int = 0):
         """This rank's share of the split in order, for evaluation (the last batch may be short)."""

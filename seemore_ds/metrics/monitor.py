@@ -86,7 +86,7 @@ class RunMonitor:
         """At an evaluation: the first held-out images with their generated captions, as a W&B table."""
         if self.wandb is None or split is None:
             return
-        images = split.images[:CAPTION_SAMPLES]
+        images = split.data.images_at(torch.arange(min(CAPTION_SAMPLES, len(split))))
         captions = generate_captions(model, images, tokenizer)
         self.wandb.log_captions(step, images.cpu(), captions, split.data.captions[:CAPTION_SAMPLES])
 
