@@ -89,19 +89,19 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         dtype = x.dtype
         x = x.to(self.running_mean.dtype)
-        if self.training:
-            mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-            with torch.no_grad():
-                n = x.numel() // x.shape[1]
-                finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-                for running, batch in ((self.running_mean, mean), (self.running_var, var * n / max(n - 1, 1))):
-                    running.copy_(torch.where(finite, torch.lerp(running, batch, self.momentum), running))
-                self.num_batches_tracked.add_(finite.long())
-        else:
-            mean, var = self.running_mean, self.running_var
-        scale = self.weight.to(x.dtype) * torch.rsqrt(var + self.eps)
-        shift = self.bias.to(x.dtype) - mean * scale
-        return (x * scale[:, None, None] + shift[:, None, None]).to(dtype)
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps).to(dtype)
+        # torch's fused kernel (one pass forward, one backward) updates copies of the statistics, which are
+        # kept only if finite.
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        out = F.batch_norm(x, mean, var, weight, bias, True, self.momentum, self.eps)
+        with torch.no_grad():
+            finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+            self.running_mean.copy_(torch.where(finite, mean, self.running_mean))
+            self.running_var.copy_(torch.where(finite, var, self.running_var))
+            self.num_batches_tracked.add_(finite.long())
+        return out.to(dtype)
 
 
 class ConvStem(nn.Module):

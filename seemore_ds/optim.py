@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn as nn
 
 from seemore_ds.config import TrainConfig
@@ -22,3 +23,38 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / (cfg.warmup_steps + 1)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DeviceLRSchedule:
+    """``lr_multiplier`` indexed on the device by the number of updates applied, so that a skipped update
+    holds the schedule (as a LambdaLR stepped only after applied updates) without asking the host.
+
+    Shares one rate tensor with every parameter group of a fused AdamW, which reads it on the device.
+    """
+
+    def __init__(self, optimizer, cfg: TrainConfig, device: torch.device):
+        # Computed in Python floats, as LambdaLR does: the same rates to the last bit. CUDA's fused kernel
+        # reads the rate as float32; the CPU kernel takes the double a Python float gave.
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        self.rates = torch.tensor([cfg.lr * lr_multiplier(step, cfg) for step in range(cfg.max_steps + 1)],
+                                  dtype=dtype, device=device)  # after max_steps the rate stays at the last one
+        self.applied = torch.zeros((), dtype=torch.long, device=device)
+        self.optimizer, self.lr = optimizer, self.rates[0].clone()
+        self._share_rate()
+
+    def _share_rate(self) -> None:
+        for group in self.optimizer.param_groups:  # also after optimizer.load_state_dict replaced them
+            group["lr"] = self.lr
+
+    def step(self, applied: torch.Tensor | int = 1) -> None:
+        """After an optimizer step; ``applied``: 0 (or a false tensor) when its update was skipped."""
+        self.applied += applied
+        self.lr.copy_(self.rates[self.applied.clamp(max=len(self.rates) - 1)])
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": int(self.applied)}  # LambdaLR's key, so that checkpoints written before load
+
+    def load_state_dict(self, state: dict) -> None:
+        self.applied.fill_(state["last_epoch"])
+        self.lr.copy_(self.rates[self.applied.clamp(max=len(self.rates) - 1)])
+        self._share_rate()

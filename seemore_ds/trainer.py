@@ -104,22 +104,22 @@ class Trainer:
         decoders = self.backend.all_reduce_sum(torch.tensor([float(data.decoded)], device=self.backend.device))
         self.is_main = self.backend.rank == 0
         self.writes_checkpoints = ckpt.writes_checkpoint_folder(self.backend.rank, cfg.checkpoint.use_node_local_storage)
-        self.guard = StepGuard(self.backend, cfg.train, self.say)
         text_len = model.text_len
         self.train_split = TokenizedSplit(train_data, self.tokenizer, text_len)
         self.val_split = TokenizedSplit(val_data, self.tokenizer, text_len) if len(val_data) else None
         self.sampler = ResumableSampler(
             len(train_data), cfg.train.batch_size, cfg.train.seed, self.backend.rank, self.backend.world_size
         )
-        self.step, self.best_val_loss, self.skipped_steps, wandb_run_id = 0, float("inf"), 0, None
+        self.step, self.best_val_loss, skipped_steps, wandb_run_id = 0, float("inf"), 0, None
         if self.resume_from:
             client_state = self.backend.load(self.resume_from)
             self.step = client_state["step"]
             self.best_val_loss = client_state["best_val_loss"]
             self.sampler.load_state_dict(client_state["sampler"])
             set_rng_state(client_state["rng"])
-            self.skipped_steps = client_state.get("skipped_steps", 0)
+            skipped_steps = client_state.get("skipped_steps", 0)
             wandb_run_id = client_state.get("wandb_run_id")
+        self.guard = StepGuard(self.backend, cfg.train, self.say, self.step, skipped_steps)
         self.monitor = None  # rank 0's
         if self.is_main:
             self._prepare_run_folder(data, model, int(decoders.item()))
@@ -154,8 +154,8 @@ class Trainer:
         if self.resume_from:
             self.say(f"resuming from {self.resume_from} at step {self.step}")
 
-    def _due(self, every: int) -> bool:
-        return self.step == self.cfg.train.max_steps or (every > 0 and self.step % every == 0)
+    def _due(self, every: int, step: int) -> bool:
+        return step == self.cfg.train.max_steps or (every > 0 and step % every == 0)
 
     def evaluate(self) -> tuple[float | None, float | None]:
         """(val loss, caption exact match) on up to eval.max_batches batches of the held-out split;
@@ -190,7 +190,7 @@ class Trainer:
             "rng": rng_state(),  # this rank's; backends keep each rank's client_state
             "tokenizer": self.tokenizer.to_dict(),
             "config": self.cfg.to_dict(),
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.guard.skipped_steps,  # read at every checkpoint step
             "wandb_run_id": self.monitor.wandb_run_id if self.monitor else None,  # a resumed run continues it
         }
         self.backend.save(staging, client_state)
@@ -218,6 +218,7 @@ class Trainer:
         train_loss = val_loss = val_exact = None
         last_checkpoint = None
         interval_s, interval_steps = 0.0, 0  # training time since the last log row, eval excluded
+        skipped_since_row = 0
         start_s = time.perf_counter()
         compiling = cfg.train.compile  # the first step of this process compiles the model
         while self.step < cfg.train.max_steps:
@@ -226,11 +227,15 @@ class Trainer:
             t0 = time.perf_counter()
             micro_batches = [self.train_split.batch(self.sampler.next_indices()) for _ in range(cfg.train.grad_accum)]
             data_s = time.perf_counter() - t0
-            log_now = (self.step + 1) % cfg.log.every == 0 or self.step + 1 == cfg.train.max_steps
-            stats = self.backend.train_step(micro_batches, timed=log_now or self.step + 1 == cfg.profile.flops_step)
+            log_now = self._due(cfg.log.every, self.step + 1)
+            eval_now, checkpoint_now = self._due(cfg.eval.every, self.step + 1), self._due(cfg.checkpoint.every, self.step + 1)
+            # The step's tensors are read on the host only at these steps, which sync anyway: on a GPU every
+            # read waits for the queued work.
+            read_now = log_now or eval_now or checkpoint_now
+            stats = self.backend.train_step(micro_batches, timed=read_now or self.step + 1 == cfg.profile.flops_step)
             self.step += 1
             step_s = time.perf_counter() - t0
-            self.skipped_steps += int(stats.skipped)
+            self.guard.count(self.step, stats)
             if self.monitor:
                 self.monitor.after_step(self.step, stats, self.backend)
             if compiling:  # reported apart so that compilation does not pass for training speed
@@ -239,21 +244,22 @@ class Trainer:
             else:
                 interval_s, interval_steps = interval_s + step_s, interval_steps + 1
             bar.update(1)
-            eval_now = self._due(cfg.eval.every)
+            if read_now:
+                skipped_since_row += self.guard.read(self.step)
             val_loss, val_exact = self.evaluate() if eval_now else (None, None)
             if eval_now and self.monitor:  # the evaluation gathered ZeRO-3 weights on every rank: module is local now
                 self.monitor.log_captions(self.step, self.backend.module, self.val_split, self.tokenizer)
             if log_now or eval_now:
-                train_loss = stats.loss.item()
+                train_loss, lr = stats.loss.item(), stats.lr.item()
                 samples_per_s = interval_steps * self.samples_per_step / interval_s if interval_steps else None
                 interval_s, interval_steps = 0.0, 0
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{stats.lr:.2e}", refresh=False,
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", refresh=False,
                                 samples_per_s="-" if samples_per_s is None else f"{samples_per_s:.0f}")
                 if self.is_main:
                     loss_row = {
                         "step": self.step, "epoch": self.sampler.epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "lr": stats.lr, "grad_norm": None if stats.grad_norm is None else stats.grad_norm.item(),
-                        "val_exact_match": val_exact, "loss_scale": stats.loss_scale, "skipped_steps": int(stats.skipped),
+                        "lr": lr, "grad_norm": None if stats.grad_norm is None else stats.grad_norm.item(),
+                        "val_exact_match": val_exact, "loss_scale": stats.loss_scale, "skipped_steps": skipped_since_row,
                         **self.monitor.throughput(samples_per_s),
                     }
                     timing_row = {
@@ -263,15 +269,18 @@ class Trainer:
                     self.loss_log.write(loss_row)
                     self.timing_log.write(timing_row)
                     self.monitor.log(self.step, loss_row, timing_row)
+                skipped_since_row = 0
             if val_loss is not None:
                 self.say(f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                          f"caption exact match {val_exact:.3f}")
-            if self._due(cfg.checkpoint.every):
+            if checkpoint_now:
                 last_checkpoint = self.save_checkpoint(val_loss)
                 if val_loss is not None:
                     self.best_val_loss = min(self.best_val_loss, val_loss)
-            halt = self.guard.after_step(self.step, stats)  # the same answer on every rank
+            halt = self.guard.after_step(self.step)  # the same answer on every rank
             if halt:
+                if not read_now:  # a signal: the checkpoint counts the skipped steps up to here
+                    self.guard.read(self.step)
                 if last_checkpoint is None or last_checkpoint.name != ckpt.tag_for(self.step):
                     last_checkpoint = self.save_checkpoint(None)
                 bar.close()
@@ -295,7 +304,7 @@ class Trainer:
                 self.run_dir, steps=self.step, samples=self.step * self.samples_per_step, wall_s=wall_s,
                 final_train_loss=train_loss, final_val_loss=val_loss,
                 best_val_loss=min(self.best_val_loss, val_loss) if val_loss is not None else self.best_val_loss,
-                skipped_steps=self.skipped_steps, checkpoint=last_checkpoint,
+                skipped_steps=self.guard.skipped_steps, checkpoint=last_checkpoint,
                 flops_per_sample=self.monitor.flops_per_sample, peak_tflops=self.monitor.peak_tflops)
             self.say(f"summary ({write_summary(summary, self.run_dir)}):\n{summary_table(summary)}")
             self.monitor.finish(summary)

@@ -208,6 +208,18 @@ def test_nan_losses_skip_their_updates_and_stop_the_run_with_the_last_good_weigh
     assert all(torch.isfinite(v).all() and torch.equal(v, after_step_1[k]) for k, v in last.items())
 
 
+def test_between_log_steps_a_run_of_nan_losses_is_noticed_at_the_next_log_step(cli, tiny, tmp_path):
+    """The tallies are read at log steps only: the limit, reached at step 4, stops the run at step 5."""
+    result = cli("train", *tiny, "train.lr=1e30", "train.max_nonfinite_steps=3", "train.max_steps=50", "log.every=5",
+                 "eval.every=0", "checkpoint.every=0", "run.output_dir=run", cwd=tmp_path)
+    cli.user_error(result, "NaN or infinite at 3 steps in a row, steps 2 to 4", "went on to step 5",
+                   "holds the weights after step 1")
+    assert "steps 2 to 5: the loss was not finite at 4 steps" in result.stdout
+    rows = read_csv_rows(tmp_path / "run" / "losses_log.csv")
+    assert [(r["step"], r["skipped_steps"]) for r in rows] == [("5", "4")]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000005"
+
+
 # --- checkpoints from elsewhere ----------------------------------------------------------------
 
 class RunsCode:

@@ -38,18 +38,19 @@ def timestamp(device: torch.device, timed: bool) -> float:
 
 @dataclass
 class StepStats:
-    """One optimizer step. Tensors stay on the device until a log step asks for ``.item()``."""
+    """One optimizer step. Tensors stay on the device until a log step reads them: reading one on a GPU
+    waits for all queued work."""
 
     loss: torch.Tensor  # mean over the step's micro-batches
     grad_norm: torch.Tensor | None  # before clipping; None when the backend cannot tell
-    lr: float
+    lr: torch.Tensor  # the rate this step used
+    skipped: torch.Tensor  # bool: the update was skipped (non-finite loss or gradients, fp16 overflow)
+    nonfinite: torch.Tensor  # bool: the loss was NaN or infinite on this rank
     forward_s: float = 0.0
     backward_s: float = 0.0
     optimizer_s: float = 0.0
     backward_allreduce_s: float | None = None  # gradient reduction timed apart from backward_s; None: not timed
-    skipped: bool = False  # fp16 overflow: the update was skipped
-    loss_scale: float | None = None  # fp16 dynamic loss scale after the step
-    nonfinite: bool = False  # the loss was NaN or infinite on this rank; the update was skipped
+    loss_scale: float | None = None  # fp16 dynamic loss scale after the step, at timed steps
 
 
 class Backend(Protocol):
@@ -59,7 +60,8 @@ class Backend(Protocol):
     world_size: int
 
     def train_step(self, micro_batches: list[Batch], timed: bool) -> StepStats:
-        """Forward, backward and one optimizer step over ``grad_accum`` micro-batches."""
+        """Forward, backward and one optimizer step over ``grad_accum`` micro-batches; ``timed``: a log step,
+        whose phases are timed and whose figures are read."""
 
     def eval_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token losses, number of tokens) for one batch, without gradients."""

@@ -81,6 +81,8 @@ def _skip_nonfinite_updates(optimizer) -> None:
 
     Without them DeepSpeed steps a plain optimizer on whatever the gradients hold. The engine reads
     ``optimizer.overflow`` after the step: it then counts a skipped step and holds the LR schedule.
+    That is a Python bool, so deciding it costs a host sync per step, as DeepSpeed's own overflow checks
+    (fp16, ZeRO) do: the engine's interface allows no skip decided on the device.
     """
     step = optimizer.step
 
@@ -196,12 +198,14 @@ class DeepSpeedBackend:
         if timed and engine.wall_clock_breakdown():  # the engine's own breakdown of this optimizer step, in ms
             ms = engine.get_wall_clock_timers()  # names from deepspeed.utils.timer's *_GLOBAL_TIMER
             forward_s, backward_s, allreduce_s, optimizer_s = (ms[name] / 1e3 for name in ("fwd", "bwd_inner", "bwd_allreduce", "step"))
+        loss = total_loss / len(micro_batches)
         return StepStats(
-            loss=total_loss / len(micro_batches),
-            grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32),
-            lr=lr, forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s, backward_allreduce_s=allreduce_s,
-            skipped=engine.skipped_steps != skipped_before, loss_scale=self._loss_scale(),
-            nonfinite=not bool(torch.isfinite(total_loss)),
+            loss=loss, grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32),
+            lr=torch.tensor(lr, dtype=torch.float64), forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s,
+            backward_allreduce_s=allreduce_s, loss_scale=self._loss_scale(),
+            # The engine has decided on the host already; the flag joins the guard's tallies on the device.
+            skipped=torch.tensor(engine.skipped_steps != skipped_before, device=self.device),
+            nonfinite=~torch.isfinite(loss),
         )
 
     def profiled_forward(self) -> tuple[float, int] | None:

@@ -17,7 +17,7 @@ from seemore_ds.data.dataset import Batch
 from seemore_ds.errors import UserError
 from seemore_ds.evaluation import token_loss_sum
 from seemore_ds.model import SeemoreVLM
-from seemore_ds.optim import lr_multiplier, param_groups
+from seemore_ds.optim import DeviceLRSchedule, param_groups
 
 TRAINING_STATE_FILE = "training_state.pt"
 
@@ -35,12 +35,13 @@ class TorchBackend:
             check_can_compile(self.device)
             self.module.compile()
         self.train_cfg = cfg.train
-        fused = self.device.type == "cuda"  # one kernel for the whole update on GPU
+        # Fused: one kernel per parameter group (on the CPU too), and it takes the decision to skip an update
+        # as a device tensor (found_inf), as GradScaler hands it over: no host sync per step.
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-            betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps, fused=fused,
+            betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps, fused=True,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, cfg.train))
+        self.scheduler = DeviceLRSchedule(self.optimizer, cfg.train, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         dtype = PRECISION_DTYPES.get(precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
@@ -62,28 +63,31 @@ class TorchBackend:
         t0 = time.perf_counter()
         self.scaler.unscale_(self.optimizer)
         max_norm = self.train_cfg.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        # A NaN/Inf loss or gradient would poison the weights and Adam's moments: skip the update and
-        # hold the LR schedule, as DeepSpeed does. (Costs one host sync per step.)
-        finite_loss = bool(torch.isfinite(total_loss))
-        # The fp16 GradScaler skips non-finite gradients itself and lowers its scale.
-        if self.scaler.is_enabled() or (finite_loss and bool(torch.isfinite(grad_norm))):
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)  # foreach: stays on the device
+        lr = self.scheduler.lr.clone()  # the rate this step uses; the schedule moves on below
+        loss = total_loss / len(micro_batches)
+        # A NaN/Inf loss or gradient would poison the weights and Adam's moments: skip the update and hold the
+        # LR schedule, as DeepSpeed does, all decided on the device.
+        skipped = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if self.scaler.is_enabled():
+            # fp16: GradScaler finds the non-finite gradients itself, hands the fused kernel its found_inf and
+            # lowers the scale; the schedule moves on at every step, as it always did under fp16.
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            skipped = scale_before is not None and self.scaler.get_scale() < scale_before
         else:
-            skipped = True
+            self.optimizer.found_inf = skipped.float()  # the kernel leaves everything as it was, step count included
+            self.optimizer.step()
+            del self.optimizer.found_inf
+            self.scheduler.step(~skipped)
         self.optimizer.zero_grad(set_to_none=True)
         optimizer_s = timestamp(self.device, timed) - t0
         return StepStats(
-            loss=total_loss / len(micro_batches), grad_norm=grad_norm, lr=lr,
+            loss=loss, grad_norm=grad_norm, lr=lr,
             forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s, skipped=skipped,
             backward_allreduce_s=0.0,  # one process: nothing to reduce
-            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None,
-            nonfinite=not finite_loss,
+            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() and timed else None,  # get_scale syncs
+            nonfinite=~torch.isfinite(loss),
         )
 
     def eval_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
