@@ -122,12 +122,13 @@ class DeepSpeedBackend:
         self.precision = cfg.train.precision
         self.train_cfg = cfg.train
 
-        # A torch AdamW avoids the JIT build of DeepSpeed's fused_adam; a JSON "optimizer" block
-        # (needed for offload: DeepSpeedCPUAdam) is built by DeepSpeed instead.
+        # A torch AdamW avoids the JIT build of DeepSpeed's fused_adam; fused, as on the engine-free backend (one
+        # kernel per parameter group, on the CPU too). A JSON "optimizer" block (needed for offload:
+        # DeepSpeedCPUAdam) is built by DeepSpeed instead.
         optimizer = scheduler = None
         if "optimizer" not in self.ds_config:
             optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                          betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
+                                          betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps, fused=True)
         if "scheduler" not in self.ds_config:  # DeepSpeed calls it with the optimizer it builds
             scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda step: lr_multiplier(step, cfg.train))
 
