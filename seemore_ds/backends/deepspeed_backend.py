@@ -86,6 +86,7 @@ def _skip_nonfinite_updates(optimizer) -> None:
     """
     step = optimizer.step
 
+    @functools.wraps(step)  # keeps the LR scheduler's mark on the step it wrapped, which it checks for
     def step_unless_nonfinite(*args, **kwargs):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         optimizer.overflow = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
