@@ -162,6 +162,7 @@ class Trainer:
         at the last step the exact match covers the whole split, as the run's final figure."""
         if self.val_split is None:
             return None, None
+        self.backend.average_running_stats()
         batch_size, max_batches = self.cfg.train.batch_size, self.cfg.eval.max_batches
         loss = split_loss(self.backend, self.val_split, batch_size, max_batches)
         last = self.step == self.cfg.train.max_steps
@@ -182,6 +183,7 @@ class Trainer:
         if self.writes_checkpoints:
             ckpt.staging_dir(self.ckpt_root, tag)
         self.backend.barrier()
+        self.backend.average_running_stats()  # the checkpoint holds rank 0's copy of them
         client_state = {
             "step": self.step,
             "samples_seen": self.step * self.samples_per_step,

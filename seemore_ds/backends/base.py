@@ -72,6 +72,12 @@ class Backend(Protocol):
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (identity on one rank)."""
 
+    def average_running_stats(self) -> None:
+        """Make every rank's BatchNorm running statistics their mean over the ranks; every rank calls it.
+
+        Each rank normalises its own micro-batches, so the statistics drift apart; evaluation, checkpoints
+        and their export must see one model (timm's ``distribute_bn`` does the same)."""
+
     def save(self, checkpoint_dir: Path, client_state: dict) -> None:
         """Write this rank's part of a checkpoint into ``checkpoint_dir``; every rank calls it."""
 

@@ -170,6 +170,7 @@ class DeepSpeedBackend:
                 with torch.no_grad():
                     for full, partitioned in zip(self._replica.parameters(), params):
                         full.copy_(partitioned.data)
+            self._copy_buffers_to_replica()
             self._replica_step = self.engine.global_steps
         return self._replica
 
@@ -240,6 +241,23 @@ class DeepSpeedBackend:
             self._full_model()  # a rank with no eval batch joins the gather the others made in eval_loss
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
         return tensor
+
+    def average_running_stats(self) -> None:
+        if self.world_size == 1:
+            return
+        for module in self.engine.module.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                for stats in (module.running_mean, module.running_var):  # buffers: never partitioned by ZeRO
+                    torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
+                    stats.div_(self.world_size)
+        if self._replica is not None:
+            self._copy_buffers_to_replica()
+
+    def _copy_buffers_to_replica(self) -> None:
+        """BatchNorm's statistics into the ZeRO-3 evaluation copy; buffers are whole on every rank, no gather."""
+        with torch.no_grad():
+            for full, own in zip(self._replica.buffers(), self.engine.module.buffers()):
+                full.copy_(own)
 
     def barrier(self) -> None:
         torch.distributed.barrier()

@@ -101,6 +101,9 @@ class TorchBackend:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def average_running_stats(self) -> None:
+        pass  # one process: one set of statistics
+
     def barrier(self) -> None:
         pass
 
