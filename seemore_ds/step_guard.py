@@ -46,8 +46,12 @@ class StepGuard:
         self.backend, self.lr, self.max_nonfinite_steps = backend, train_cfg.lr, train_cfg.max_nonfinite_steps
         self.say = say  # prints on rank 0
         self.signals = StopSignals()  # installed by the caller around the training loop
-        # Signals are host flags: agreeing on them over a CPU (gloo) group reads no device tensor.
-        self.signal_group = torch.distributed.new_group(backend="gloo") if backend.world_size > 1 else None
+        # Signals are host flags: agreeing on them over a CPU (gloo) group reads no device tensor. The default
+        # group serves when it is gloo already (CPU ranks); a second one would be one more set of sockets.
+        self.signal_group = None
+        if backend.world_size > 1:
+            default_is_gloo = torch.distributed.get_backend() == "gloo"
+            self.signal_group = torch.distributed.group.WORLD if default_is_gloo else torch.distributed.new_group(backend="gloo")
         self.skipped_steps = skipped_steps  # skipped updates of the whole run, as of the last read
         self.nonfinite_halt: Halt | None = None
 
