@@ -49,12 +49,16 @@ class DeviceLRSchedule:
     def step(self, applied: torch.Tensor | int = 1) -> None:
         """After an optimizer step; ``applied``: 0 (or a false tensor) when its update was skipped."""
         self.applied += applied
-        self.lr.copy_(self.rates[self.applied.clamp(max=len(self.rates) - 1)])
+        self._set_rate()
 
     def state_dict(self) -> dict:
         return {"last_epoch": int(self.applied)}  # LambdaLR's key, so that checkpoints written before load
 
     def load_state_dict(self, state: dict) -> None:
         self.applied.fill_(state["last_epoch"])
-        self.lr.copy_(self.rates[self.applied.clamp(max=len(self.rates) - 1)])
+        self._set_rate()
         self._share_rate()
+
+    def _set_rate(self) -> None:
+        """The rate for the updates applied so far, on the device."""
+        self.lr.copy_(self.rates[self.applied.clamp(max=len(self.rates) - 1)])
