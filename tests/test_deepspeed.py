@@ -98,8 +98,14 @@ def launch(plan: list[list[str]], tmp: Path, name: str, timeout_s: int = LAUNCH_
     plan_file.write_text(json.dumps(plan))
     # One thread per rank: two ranks share two cores.
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "tests.ds_helpers", str(plan_file)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    port = free_port()
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "--module", "tests.ds_helpers", str(plan_file)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    # DeepSpeed's shm_comm names a 66 MB buffer per rank in /dev/shm after the port and never removes it;
+    # the backend unlinks them once mapped, so none outlives its launch, even one whose ranks were killed.
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"shared memory left behind by the launch: {left}"
+    return result
 
 
 def cli(args: list[str], timeout_s: int = 300) -> subprocess.CompletedProcess:

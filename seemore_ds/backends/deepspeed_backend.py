@@ -7,6 +7,7 @@ every rank, so a bad config ends every rank with the same one-line error.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -56,6 +57,20 @@ def select_accelerator(device: torch.device) -> None:
     """DeepSpeed picks its accelerator when imported: choose the CPU one unless told otherwise or on CUDA."""
     if "DS_ACCELERATOR" not in os.environ and device.type == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def unlink_shared_allreduce_buffer(rank: int) -> None:
+    """Remove the name of this rank's shared-memory all-reduce buffer once every rank has mapped it.
+
+    On CPU ranks that share one machine, DeepSpeed's shm_comm creates one 66 MB buffer per rank in
+    /dev/shm and never unlinks it: each launch would leave its RAM taken until a reboot (the files
+    are named by MASTER_PORT, so every new port adds 132 MB at 2 ranks). Once all ranks have
+    opened each other's buffers, the names are no longer needed; the mappings live on, and the
+    kernel frees the memory when the last rank exits, even a killed one. Call after a barrier.
+    """
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+    with contextlib.suppress(FileNotFoundError):  # not created: ranks on several machines, or no shm_comm
+        os.unlink(Path("/dev/shm") / name)
 
 
 def _reset_timers(timers, names, normalizer=1.0, reset=True, memory_breakdown=False, ranks=None) -> None:
@@ -117,6 +132,9 @@ class DeepSpeedBackend:
 
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if accelerator.device_name() == "cpu" and self.world_size > 1:
+            torch.distributed.barrier()  # past it, every rank has mapped its peers' buffers (in init_distributed)
+            unlink_shared_allreduce_buffer(self.rank)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
