@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from seemore_ds.__main__ import main
+from seemore_ds.backends.deepspeed_backend import free_port
 from seemore_ds.backends.ds_config import resolve_ds_config
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError
@@ -84,12 +84,6 @@ SCENARIOS = {
     "hf_zero3_offload": ("HF_ZERO3_OFFLOAD", []),
     "zero1_bf16": ("ds_configs/zero1.json", ["train.precision=bf16"]),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(plan: list[list[str]], tmp: Path, name: str, timeout_s: int = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, read_csv_rows
-from seemore_ds.backends.deepspeed_backend import _free_port
+from seemore_ds.backends.deepspeed_backend import free_port
 from seemore_ds.backends.ds_config import resolve_ds_config
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError
@@ -91,7 +91,7 @@ class TwoNodes:
     def launch(self, work: Path, name: str, overrides: list[str], node_disks: list[Path] | None = None) -> list[str]:
         """Both nodes' ``launch/multinode.sh`` at once; their console output, node 0 first. Never hangs."""
         (work / "hostfile").write_text(HOSTFILE)
-        port = "29500" if self.isolated else str(_free_port())  # each namespace pair is a fresh network
+        port = "29500" if self.isolated else str(free_port())  # each namespace pair is a fresh network
         procs, logs = [], []
         for node in range(2):
             env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "DS_ACCELERATOR": "cpu",

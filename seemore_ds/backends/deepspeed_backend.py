@@ -35,7 +35,8 @@ from seemore_ds.safe_pickles import weights_only_loads
 CLIENT_STATE_FILE = "client_state_rank{rank}.pt"  # DeepSpeed keeps only rank 0's client_state
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port no process listens on now, for a rendezvous."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -50,7 +51,7 @@ def prepare_environment(device: str = "auto") -> None:
     if "WORLD_SIZE" not in os.environ:  # not launched: deepspeed.init_distributed would look for MPI
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def select_accelerator(device: torch.device) -> None:
