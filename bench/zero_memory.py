@@ -29,6 +29,7 @@ from collections import defaultdict
 import torch
 
 from bench.launch import REPO, launch_module
+from seemore_ds.profiling import MIB
 
 SIZES = dict(img_size=32, patch_size=8, image_embed_dim=512, num_blks=4, n_embd=512, n_layer=12, n_head=8, dropout=0.0)
 
@@ -147,12 +148,11 @@ def report(results, n: int) -> None:
             print(json.dumps(row))
             if rank == 0:
                 table.append(row)
-    mb = 2**20
     print(f"\n| ZeRO stage | params MiB (paper) | grads MiB (paper) | Adam MiB (paper) | other ZeRO buffers MiB |  (rank 0 of {n}, Ψ={results[0][1] / 1e6:.1f}M, fp32)")
     print("|---:|---:|---:|---:|---:|")
     for r in table:
-        cells = [f"{r[f'{k}_bytes'] / mb:.1f} ({r[f'{k}_paper_bytes'] / mb:.1f})" for k in ("params", "grads", "optimizer")]
-        print(f"| {r['stage']} | {' | '.join(cells)} | {sum(r['other_bytes'].values()) / mb:.1f} |")
+        cells = [f"{r[f'{k}_bytes'] / MIB:.1f} ({r[f'{k}_paper_bytes'] / MIB:.1f})" for k in ("params", "grads", "optimizer")]
+        print(f"| {r['stage']} | {' | '.join(cells)} | {sum(r['other_bytes'].values()) / MIB:.1f} |")
 
 
 def launch(ranks: int, stages: list[int]) -> int:

@@ -22,6 +22,7 @@ from seemore_ds.metrics.csv_log import LOSS_COLUMNS, TIMING_COLUMNS, CSVLog
 from seemore_ds.metrics.monitor import RunMonitor
 from seemore_ds.metrics.plots import plot_run
 from seemore_ds.model import SeemoreVLM
+from seemore_ds.profiling import MIB
 from seemore_ds.run_summary import run_summary, summary_table, write_summary
 from seemore_ds.step_guard import StepGuard
 from seemore_ds.tokenizer import CharTokenizer
@@ -141,7 +142,7 @@ class Trainer:
         self.say(f"data: {data.source}: {len(data)} rows used, {n_train} train / {n_val} val, vocab {self.tokenizer.vocab_size}")
         if data.cache_file:
             how = f"decoded by {decoders} of {self.backend.world_size} process(es)" if decoders else "decoded earlier"
-            self.say(f"data: image cache {data.cache_file} ({data.images.nbytes / 2**20:.1f} MiB), {how}; every rank maps it")
+            self.say(f"data: image cache {data.cache_file} ({data.images.nbytes / MIB:.1f} MiB), {how}; every rank maps it")
         if data.bad_rows:
             write_bad_rows(data.bad_rows, self.run_dir / BAD_ROWS_FILE)
             self.say(f"data: {summarize_bad_rows(data.bad_rows)}; row numbers and reasons in {self.run_dir / BAD_ROWS_FILE}")
