@@ -33,6 +33,9 @@ class BadRow:
     reason: str
 
 
+Decoded = tuple[np.ndarray, list[str], list[BadRow]]  # uint8 images (N, 3, S, S), captions, skipped rows
+
+
 def csv_file(path: str) -> Path:
     """data.csv as a path, or a one-line UserError when there is no such file."""
     file = Path(path)
@@ -42,7 +45,7 @@ def csv_file(path: str) -> Path:
 
 
 def read_caption_csv(path: str, img_size: int, max_caption_len: int, max_pixels: int,
-                     on_bad_row: str = "skip") -> tuple[np.ndarray, list[str], list[BadRow]]:
+                     on_bad_row: str = "skip") -> Decoded:
     """Read and decode a seemore CSV: (uint8 images (N, 3, S, S), captions, skipped rows)."""
     file = csv_file(path)
     csv.field_size_limit(2**31 - 1)  # a base64 image is one long field

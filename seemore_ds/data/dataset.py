@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from seemore_ds.config import Config
-from seemore_ds.data.csv_reader import BadRow, read_caption_csv
+from seemore_ds.data.csv_reader import BadRow, Decoded, read_caption_csv
 from seemore_ds.data.image_cache import cache_key, load_or_decode
 from seemore_ds.data.images import to_rgb_array
 from seemore_ds.data.synthetic import synthetic_dataset
@@ -60,7 +60,7 @@ def load_caption_data(cfg: Config, csv_path: str | None = None, cache_dir: Path 
     return CaptionData(images, captions, source, bad, decoded=decoded, cache_file=cache_dir / f"{key}.u8")
 
 
-def decode_caption_data(cfg: Config, csv_path: str) -> tuple[np.ndarray, list[str], list[BadRow]]:
+def decode_caption_data(cfg: Config, csv_path: str) -> Decoded:
     """(uint8 images (N, 3, S, S), captions, skipped rows) of the CSV; empty ``csv_path``: the built-in dataset."""
     if csv_path:
         return read_caption_csv(csv_path, cfg.model.img_size, cfg.model.max_caption_len, cfg.data.max_image_pixels,

@@ -31,14 +31,12 @@ import torch
 from seemore_ds.atomic_files import write_atomically
 from seemore_ds.config import Config
 from seemore_ds.data import csv_reader, images, synthetic
-from seemore_ds.data.csv_reader import BadRow, csv_file
+from seemore_ds.data.csv_reader import BadRow, Decoded, csv_file
 from seemore_ds.errors import UserError
 from seemore_ds.manifest import sha256_of
 
 FORMAT_VERSION = 1  # of the two files; a new layout must not read an old one
 DECODING_MODULES = (csv_reader, images, synthetic)  # a change to how pixels are made is a new entry
-
-Decoded = tuple[np.ndarray, list[str], list[BadRow]]
 
 
 def cache_key(cfg: Config, csv_path: str) -> str:
