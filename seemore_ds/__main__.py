@@ -49,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     export.add_argument("--out", required=True, help="output folder, or a path ending in .safetensors")
 
+    checkpoint = commands.add_parser("checkpoint", help="inspect a checkpoint, or convert it to the universal form")
+    checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", required=True, metavar="CHECKPOINT_COMMAND")
+    info = checkpoint_commands.add_parser("info", help="step, world size, ZeRO stage, precision, backend, samples seen, size")
+    info.add_argument("path", metavar="PATH", help="run folder or checkpoint folder")
+    convert = checkpoint_commands.add_parser(
+        "convert", help="write a checkpoint's universal form: resumable by either backend at any rank count and stage")
+    convert.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    convert.add_argument("--out", required=True, help="new folder for the converted checkpoint")
+
     plot = commands.add_parser("plot", help="write the PNG plots of a run folder, or overlay several runs")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", help="folder for the PNGs (default: the run folder; needed for several runs)")
@@ -121,6 +130,16 @@ def cmd_export(args) -> None:
         print(f"note: eval and generate read a folder's model.safetensors; rename {weights.name} or export to a folder")
 
 
+def cmd_checkpoint(args) -> None:
+    from seemore_ds.checkpoint import checkpoint_summary, convert_checkpoint
+
+    if args.checkpoint_command == "info":
+        print(checkpoint_summary(args.path))
+        return
+    out = convert_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out}: resume it with train.resume={out} (either backend, any rank count and ZeRO stage)")
+
+
 def cmd_plot(args) -> None:
     from seemore_ds.metrics.plots import plot_runs
 
@@ -152,7 +171,7 @@ def cmd_hostfile(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot, "data": cmd_data,
-            "export": cmd_export, "hostfile": cmd_hostfile}
+            "export": cmd_export, "hostfile": cmd_hostfile, "checkpoint": cmd_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,9 @@ from seemore_ds.errors import UserError
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"  # every file of the run lands here
+    # A fresh run into a folder holding another run's checkpoints is refused; true moves that run aside
+    # to OUTPUT_DIR.old-N first (nothing is deleted).
+    overwrite: bool = False
 
 
 @dataclass

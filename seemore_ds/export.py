@@ -16,34 +16,33 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from seemore_ds import ds_files
 from seemore_ds.backends.base import resolve_device
-from seemore_ds.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_checkpoint_config, resolve_checkpoint
+from seemore_ds.checkpoint import (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_checkpoint_config, resolve_checkpoint,
+                                   written_by)
 from seemore_ds.errors import UserError
 from seemore_ds.model import SeemoreVLM
-from seemore_ds.safe_pickles import refused, weights_only_loads
+from seemore_ds.safe_pickles import refused
 from seemore_ds.tokenizer import CharTokenizer
-
-STAGE0_MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a checkpoint folder, whatever wrote it."""
-    if (folder / MODEL_FILE).is_file():  # the torch backend already writes safetensors
+    if (folder / MODEL_FILE).is_file():  # the engine-free backend, and converted checkpoints, write safetensors
         return load_file(str(folder / MODEL_FILE))
-    from seemore_ds.backends.deepspeed_backend import CLIENT_STATE_FILE, checkpoint_meta, select_accelerator
-
-    if not (folder / CLIENT_STATE_FILE.format(rank=0)).is_file():
+    if not ds_files.is_deepspeed_checkpoint(folder):
         raise UserError(f"{folder} is not a seemore-ds checkpoint: it has neither {MODEL_FILE} nor "
-                        f"{CLIENT_STATE_FILE.format(rank=0)}")
-    stage = checkpoint_meta(folder)["zero_stage"]
-    if stage == 0:
+                        f"DeepSpeed's {ds_files.MODEL_STATES}")
+    if written_by(folder).zero_stage == 0:
         return _stage0_weights(folder)
+    from seemore_ds.backends.deepspeed_backend import select_accelerator
+
     select_accelerator(resolve_device("auto"))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # ZeRO 1-3 keep the fp32 master weights flattened and partitioned in the optimizer shards.
     # Its progress chatter is not the command's output.
-    with weights_only_loads(folder), contextlib.redirect_stdout(sys.stderr):
+    with ds_files.plain_loads(folder), contextlib.redirect_stdout(sys.stderr):
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     return {name: tensor.float() for name, tensor in state.items()}
 
@@ -53,7 +52,7 @@ def _stage0_weights(folder: Path) -> dict[str, torch.Tensor]:
 
     Under bf16 at stage 0 these are the bf16 working weights (upcast here); under fp32 they are exact.
     """
-    path = folder / STAGE0_MODEL_STATES
+    path = folder / ds_files.MODEL_STATES
     try:
         states = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -66,6 +65,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     folder = resolve_checkpoint(checkpoint)
     out = Path(out)
     weights = out if out.suffix == ".safetensors" else out / MODEL_FILE
+    _check_writable_folder(weights.parent, "--out")
     for name in (CONFIG_FILE, TOKENIZER_FILE):
         if not (folder / name).is_file():
             raise UserError(f"{folder} has no {name}; point --checkpoint at a checkpoint folder of a seemore-ds run")
@@ -81,3 +81,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     for name in (CONFIG_FILE, TOKENIZER_FILE):
         shutil.copyfile(folder / name, weights.parent / name)
     return weights
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """A folder that exists or can be made: no file in the way at it or above it."""
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise UserError(f"{what} {folder} cannot be a folder: {part} is a file")
+            return

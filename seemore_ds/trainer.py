@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -40,35 +41,6 @@ class TrainResult:
     checkpoint: Path | None
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_python_state(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _as_python_state(state):
-    """random.getstate() comes back from a checkpoint with lists where it had tuples."""
-    version, internal, gauss = state
-    return version, tuple(internal), gauss
-
-
-def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path | None, list[str]]:
-    """The checkpoint to resume from, and notices about damaged ones ``auto`` passed over."""
-    if cfg.train.resume == "none":
-        return None, []
-    if cfg.train.resume == "auto":
-        return ckpt.newest_intact_checkpoint(run_dir / ckpt.CHECKPOINTS)
-    return ckpt.resolve_checkpoint(cfg.train.resume), []
-
-
 def check_same_model(cfg: Config, saved: Config, where: Path) -> None:
     for key, value in vars(cfg.model).items():
         if getattr(saved.model, key) != value and key != "dropout":
@@ -82,16 +54,19 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
-        self.ckpt_root = self.run_dir / ckpt.CHECKPOINTS
         if cfg.data.csv:  # saved configs must find the data from any working directory
             cfg.data.csv = str(Path(cfg.data.csv).resolve())
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
 
+        self.is_main = int(os.environ.get("RANK", 0)) == 0  # the launcher's rank until the backend says
+        self.checkpoints = ckpt.CheckpointManager(cfg, self.say)
+        self.checkpoints.claim_run_folder()
+        self.state = self.checkpoints.state  # step, samples seen, best val loss, ...: restored by the manager
         cache_dir = Path(cfg.data.cache_dir or self.run_dir / "cache") if cfg.data.cache else None
         data = load_caption_data(cfg, cache_dir=cache_dir)
         train_data, val_data = split_train_val(data, cfg.data.val_fraction, cfg.train.seed)
-        self.resume_from, self.resume_notices = find_resume_checkpoint(cfg, self.run_dir)
+        self.resume_from = self.checkpoints.find_resume()
         if self.resume_from:
             saved = ckpt.load_checkpoint_config(self.resume_from)
             check_same_model(cfg, saved, self.resume_from)
@@ -100,32 +75,36 @@ class Trainer:
             self.tokenizer = CharTokenizer.from_captions(train_data.captions)
         model = SeemoreVLM(cfg.model, self.tokenizer.vocab_size)
         self.n_params = model.num_params()  # counted before ZeRO-3 partitions the parameters away
+        with torch.device("meta"):  # the parameters' names and shapes, for a conversion between layouts
+            model_shapes = SeemoreVLM(cfg.model, self.tokenizer.vocab_size)
         self.backend = build_backend(model, cfg)
         # Processes that decoded rather than mapped the image cache, said on the console; every rank counts.
         decoders = self.backend.all_reduce_sum(torch.tensor([float(data.decoded)], device=self.backend.device))
         self.is_main = self.backend.rank == 0
-        self.writes_checkpoints = ckpt.writes_checkpoint_folder(self.backend.rank, cfg.checkpoint.use_node_local_storage)
         text_len = model.text_len
         self.train_split = TokenizedSplit(train_data, self.tokenizer, text_len)
         self.val_split = TokenizedSplit(val_data, self.tokenizer, text_len) if len(val_data) else None
         self.sampler = ResumableSampler(
             len(train_data), cfg.train.batch_size, cfg.train.seed, self.backend.rank, self.backend.world_size
         )
-        self.step, self.best_val_loss, skipped_steps, wandb_run_id = 0, float("inf"), 0, None
+        for notice in self.checkpoints.resume_notices:
+            self.say(notice)
         if self.resume_from:
-            client_state = self.backend.load(self.resume_from)
-            self.step = client_state["step"]
-            self.best_val_loss = client_state["best_val_loss"]
-            self.sampler.load_state_dict(client_state["sampler"])
-            set_rng_state(client_state["rng"])
-            skipped_steps = client_state.get("skipped_steps", 0)
-            wandb_run_id = client_state.get("wandb_run_id")
-        self.guard = StepGuard(self.backend, cfg.train, self.say, self.step, skipped_steps)
+            self.checkpoints.restore(self.backend, model_shapes, self.sampler)
+        self.guard = StepGuard(self.backend, cfg.train, self.say, self.step, self.state.skipped_steps)
         self.monitor = None  # rank 0's
         if self.is_main:
             self._prepare_run_folder(data, model, int(decoders.item()))
             self.monitor = RunMonitor(cfg, model, self.n_params, self.backend.device, self.backend.world_size,
-                                      self.step if self.resume_from else None, wandb_run_id, self.say)
+                                      self.step if self.resume_from else None, self.state.wandb_run_id, self.say)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
 
     def say(self, message: str) -> None:
         if self.is_main:
@@ -150,8 +129,6 @@ class Trainer:
             f"model: {self.n_params / 1e6:.2f}M parameters, {model.flops_per_sample() / 1e9:.2f} GFLOP per training sample; "
             f"backend {type(self.backend).__name__} on {self.backend.device} x {self.backend.world_size}, {self.cfg.train.precision}"
         )
-        for notice in self.resume_notices:
-            self.say(notice)
         if self.resume_from:
             self.say(f"resuming from {self.resume_from} at step {self.step}")
 
@@ -177,38 +154,11 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     def save_checkpoint(self, val_loss: float | None) -> Path:
-        """Every rank writes its part into a staging folder; rank 0 (with node-local storage, the first
-        rank of each node) publishes it when all are done."""
-        tag = ckpt.tag_for(self.step)
-        staging = self.ckpt_root / f"{ckpt.TMP_PREFIX}{tag}"
-        if self.writes_checkpoints:
-            ckpt.staging_dir(self.ckpt_root, tag)
-        self.backend.barrier()
-        self.backend.average_running_stats()  # the checkpoint holds rank 0's copy of them
-        client_state = {
-            "step": self.step,
-            "samples_seen": self.step * self.samples_per_step,
-            "best_val_loss": min(self.best_val_loss, val_loss) if val_loss is not None else self.best_val_loss,
-            "sampler": self.sampler.state_dict(),
-            "rng": rng_state(),  # this rank's; backends keep each rank's client_state
-            "tokenizer": self.tokenizer.to_dict(),
-            "config": self.cfg.to_dict(),
-            "skipped_steps": self.guard.skipped_steps,  # read at every checkpoint step
-            "wandb_run_id": self.monitor.wandb_run_id if self.monitor else None,  # a resumed run continues it
-        }
-        self.backend.save(staging, client_state)
-        self.backend.barrier()
-        final = self.ckpt_root / tag
-        if self.writes_checkpoints:
-            save_config(self.cfg, staging / ckpt.CONFIG_FILE)
-            self.tokenizer.save(staging / ckpt.TOKENIZER_FILE)
-            write_manifest(staging)
-            final = ckpt.publish(self.ckpt_root, staging, tag)
-            if val_loss is not None and val_loss <= self.best_val_loss:
-                ckpt.write_pointer(self.ckpt_root / "best", tag)
-            ckpt.prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep_last)
-        self.backend.barrier()
-        return final
+        """The manager writes this step's checkpoint; every rank calls it."""
+        self.state.samples_seen = self.step * self.samples_per_step
+        self.state.skipped_steps = self.guard.skipped_steps  # read at every checkpoint step
+        self.state.wandb_run_id = self.monitor.wandb_run_id if self.monitor else None  # a resumed run continues it
+        return self.checkpoints.save(self.backend, self.sampler, val_loss, self.tokenizer)
 
     @property
     def samples_per_step(self) -> int:
@@ -231,7 +181,7 @@ class Trainer:
             micro_batches = [self.train_split.batch(self.sampler.next_indices()) for _ in range(cfg.train.grad_accum)]
             data_s = time.perf_counter() - t0
             log_now = self._due(cfg.log.every, self.step + 1)
-            eval_now, checkpoint_now = self._due(cfg.eval.every, self.step + 1), self._due(cfg.checkpoint.every, self.step + 1)
+            eval_now, checkpoint_now = self._due(cfg.eval.every, self.step + 1), self.checkpoints.should_save(self.step + 1)
             # The step's tensors are read on the host only at these steps, which sync anyway: on a GPU every
             # read waits for the queued work.
             read_now = log_now or eval_now or checkpoint_now
@@ -278,8 +228,6 @@ class Trainer:
                          f"caption exact match {val_exact:.3f}")
             if checkpoint_now:
                 last_checkpoint = self.save_checkpoint(val_loss)
-                if val_loss is not None:
-                    self.best_val_loss = min(self.best_val_loss, val_loss)
             halt = self.guard.after_step(self.step)  # the same answer on every rank
             if halt:
                 if not read_now:  # a signal: the checkpoint counts the skipped steps up to here
@@ -306,7 +254,7 @@ class Trainer:
             summary = run_summary(
                 self.run_dir, steps=self.step, samples=self.step * self.samples_per_step, wall_s=wall_s,
                 final_train_loss=train_loss, final_val_loss=val_loss,
-                best_val_loss=min(self.best_val_loss, val_loss) if val_loss is not None else self.best_val_loss,
+                best_val_loss=self.state.best_val_loss,
                 skipped_steps=self.guard.skipped_steps, checkpoint=last_checkpoint,
                 flops_per_sample=self.monitor.flops_per_sample, peak_tflops=self.monitor.peak_tflops)
             self.say(f"summary ({write_summary(summary, self.run_dir)}):\n{summary_table(summary)}")

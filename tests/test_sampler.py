@@ -94,7 +94,7 @@ def test_state_dict_resumes_the_exact_sequence(stop_after):
 def test_state_dict_is_plain_numbers():
     sampler = ResumableSampler(40, 8, seed=0)
     draw(sampler, 7)
-    assert sampler.state_dict() == {"epoch": 1, "batch_index": 2}
+    assert sampler.state_dict() == {"epoch": 1, "samples_seen_in_epoch": 16}
 
 
 def test_a_split_smaller_than_one_batch_is_a_user_error():

@@ -78,8 +78,15 @@ class Backend(Protocol):
         Each rank normalises its own micro-batches, so the statistics drift apart; evaluation, checkpoints
         and their export must see one model (timm's ``distribute_bn`` does the same)."""
 
-    def save(self, checkpoint_dir: Path, client_state: dict) -> None:
-        """Write this rank's part of a checkpoint into ``checkpoint_dir``; every rank calls it."""
+    def layout(self):
+        """``checkpoint.WrittenBy``: backend, rank count, ZeRO stage and precision of this run."""
 
-    def load(self, checkpoint_dir: Path) -> dict:
-        """Restore model, optimizer, schedule and scaler; returns the saved client_state."""
+    def save(self, checkpoint_dir: Path) -> None:
+        """Write this rank's part of the engine state (model, optimizer, schedule) into ``checkpoint_dir``;
+        every rank calls it. The checkpoint manager writes everything else."""
+
+    def load(self, checkpoint_dir: Path) -> None:
+        """Restore the engine state of a checkpoint this backend wrote at this run's layout."""
+
+    def load_universal(self, folder: Path) -> None:
+        """Restore the engine state from a universal folder (``universal.py``), written at any layout."""

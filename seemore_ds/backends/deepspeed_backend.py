@@ -12,17 +12,16 @@ import copy
 import functools
 import logging
 import os
-import shlex
 import socket
 import warnings
 from pathlib import Path
 
 import torch
 
-from seemore_ds.backends import train_arguments
+from seemore_ds import universal
 from seemore_ds.backends.base import PRECISION_DTYPES, StepStats, resolve_device, timestamp
 from seemore_ds.backends.ds_config import ds_config_for
-from seemore_ds.checkpoint import MODEL_FILE
+from seemore_ds.checkpoint import WrittenBy
 from seemore_ds.compiling import check_can_compile
 from seemore_ds.config import Config
 from seemore_ds.data.dataset import Batch
@@ -31,9 +30,6 @@ from seemore_ds.evaluation import token_loss_sum
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import lr_multiplier, param_groups
 from seemore_ds.safe_pickles import weights_only_loads
-
-CLIENT_STATE_FILE = "client_state_rank{rank}.pt"  # DeepSpeed keeps only rank 0's client_state
-
 
 def free_port() -> int:
     """A TCP port no process listens on now, for a rendezvous."""
@@ -79,17 +75,6 @@ def _reset_timers(timers, names, normalizer=1.0, reset=True, memory_breakdown=Fa
     for name in names:
         if reset and name in timers.timers:
             timers.timers[name].reset()
-
-
-def checkpoint_meta(checkpoint_dir: Path, rank: int = 0) -> dict:
-    """What this backend wrote beside DeepSpeed's files for ``rank``: client_state, world_size, zero_stage."""
-    return torch.load(checkpoint_dir / CLIENT_STATE_FILE.format(rank=rank), map_location="cpu", weights_only=True)
-
-
-def saved_ranks(checkpoint_dir: Path) -> list[int]:
-    """The ranks whose client_state file is in ``checkpoint_dir``, in order."""
-    prefix, suffix = CLIENT_STATE_FILE.split("{rank}")
-    return sorted(int(p.name[len(prefix):-len(suffix)]) for p in checkpoint_dir.glob(CLIENT_STATE_FILE.format(rank="*")))
 
 
 def _skip_nonfinite_updates(optimizer) -> None:
@@ -281,38 +266,75 @@ class DeepSpeedBackend:
     def barrier(self) -> None:
         torch.distributed.barrier()
 
-    def save(self, checkpoint_dir: Path, client_state: dict) -> None:
-        """DeepSpeed's sharded checkpoint in ``checkpoint_dir`` plus this rank's own client_state file."""
-        torch.save({"client_state": client_state, "world_size": self.world_size, "zero_stage": self.zero_stage,
-                    "precision": self.precision},
-                   checkpoint_dir / CLIENT_STATE_FILE.format(rank=self.rank))
-        self.engine.save_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name,
-                                    client_state=client_state, save_latest=False)
+    def layout(self) -> WrittenBy:
+        return WrittenBy("deepspeed", self.world_size, self.zero_stage, self.precision)
 
-    def load(self, checkpoint_dir: Path) -> dict:
-        """Refuses, on every rank alike, a checkpoint of another backend, rank count or ZeRO stage."""
-        ranks = saved_ranks(checkpoint_dir)
-        if not ranks:
-            written_by_torch = (checkpoint_dir / MODEL_FILE).is_file()
-            raise UserError(f"{checkpoint_dir} holds no {CLIENT_STATE_FILE.format(rank=0)}: not a checkpoint of the "
-                            f"deepspeed backend" + ("; resume it with train.backend=torch" if written_by_torch else ""))
-        meta = checkpoint_meta(checkpoint_dir, ranks[0])
-        # With node-local storage a node's disk holds only the files of its own ranks.
-        all_here = self.ds_config["checkpoint"]["use_node_local_storage"] or len(ranks) == self.world_size
-        if self.rank not in ranks or not all_here or meta["world_size"] != self.world_size:
-            raise UserError(
-                f"{checkpoint_dir} was written by {meta['world_size']} rank(s), this run has {self.world_size}; "
-                f"resume with {meta['world_size']}: deepspeed --num_gpus {meta['world_size']} --module seemore_ds "
-                f"{shlex.join(train_arguments())} (other rank counts need DeepSpeed universal checkpoints, which seemore-ds does "
-                f"not load; the weights still export: python -m seemore_ds export --checkpoint {checkpoint_dir} --out DIR)"
-            )
-        if meta["zero_stage"] != self.zero_stage:
-            raise UserError(f"{checkpoint_dir} was written with ZeRO stage {meta['zero_stage']}, the DeepSpeed config "
-                            f"says stage {self.zero_stage}; resume with a stage-{meta['zero_stage']} config")
-        own = checkpoint_meta(checkpoint_dir, self.rank)
+    def save(self, checkpoint_dir: Path) -> None:
+        """DeepSpeed's sharded checkpoint in ``checkpoint_dir``: every rank writes its own shards."""
+        self.engine.save_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name, client_state={},
+                                    save_latest=False)
+
+    def load(self, checkpoint_dir: Path) -> None:
+        """A checkpoint of this backend at this rank count and stage, as DeepSpeed wrote it."""
         with weights_only_loads(checkpoint_dir):  # a checkpoint from elsewhere must not run code
             path, _ = self.engine.load_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
         if path is None:
             raise UserError(f"DeepSpeed found no checkpoint in {checkpoint_dir}")
         self._replica_step = -1
-        return own["client_state"]
+
+    def load_universal(self, folder: Path) -> None:
+        """A universal folder (``universal.py``): DeepSpeed's own loader at ZeRO 1-3, ours at stage 0.
+
+        The schedule is set from its saved position rather than loaded, so that either backend's
+        schedule (LambdaLR, or a JSON one such as WarmupLR) resumes; the optimizer's hyperparameters are
+        this run's config (DeepSpeed's ZeRO-3 loader would give every group the first group's)."""
+        engine = self.engine
+        state = None
+        if self.zero_stage == 0:
+            state = self._load_universal_stage0(folder)
+        else:
+            engine._config.load_universal_checkpoint = True  # read at load time only: the engine is built already
+            try:
+                with weights_only_loads(folder):
+                    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
+            finally:
+                engine._config.load_universal_checkpoint = False
+            if path is None:
+                raise UserError(f"DeepSpeed found no checkpoint in {folder}")
+            if hasattr(engine.optimizer, "clip_grad"):  # the ZeRO 1-2 loader takes the checkpoint's over the config
+                engine.optimizer.clip_grad = self.ds_config.get("gradient_clipping", 0.0)
+        for group, weight_decay in zip(engine.optimizer.param_groups, (self.train_cfg.weight_decay, 0.0)):
+            group.update(weight_decay=weight_decay, betas=(self.train_cfg.beta1, self.train_cfg.beta2), eps=self.train_cfg.eps)
+        saved = torch.load(folder / universal.MODEL_STATES, map_location="cpu", weights_only=True)
+        updates = state.updates if state else int(saved["global_steps"]) - int(saved["skipped_steps"])
+        _set_schedule_position(engine.lr_scheduler, engine.optimizer,
+                               universal.schedule_position(saved["lr_scheduler"], updates))
+        self._replica_step = -1
+
+    def _load_universal_stage0(self, folder: Path):
+        """Stage 0 keeps a whole model and a plain optimizer on every rank: load them directly."""
+        optimizer = self.engine.optimizer
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UserError(f"ZeRO stage 0 in {self.precision} wraps its optimizer in a form seemore-ds cannot load "
+                            f"{folder} into; resume with train.precision=fp32 at stage 0, or with ZeRO stage 1-3")
+        module = self.engine.module
+        state = universal.read_universal(folder, module)
+        module.load_state_dict({**state.weights, **state.buffers})
+        names = universal.group_names(module, self.train_cfg.weight_decay)
+        optimizer.load_state_dict(universal.optimizer_state_dict(state, names, self.device,
+                                                                 universal.hyperparameters(optimizer.param_groups)))
+        self.engine.global_steps, self.engine.skipped_steps = state.global_steps, state.skipped_steps
+        return state
+
+
+def _set_schedule_position(scheduler, optimizer, position: int) -> None:
+    """Put a schedule where it is after ``position`` applied updates, and the optimizer at its rate."""
+    if scheduler is None:
+        return
+    if hasattr(scheduler, "last_batch_iteration"):  # DeepSpeed's WarmupLR family: step(i) sets the rate of update i
+        scheduler.step(position - 1)
+        return
+    rates = [base * rate(position) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]  # LambdaLR
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler.last_epoch, scheduler._last_lr = position, rates

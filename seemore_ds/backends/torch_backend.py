@@ -7,10 +7,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from seemore_ds import universal
 from seemore_ds.backends.base import PRECISION_DTYPES, StepStats, resolve_device, timestamp
-from seemore_ds.checkpoint import MODEL_FILE
+from seemore_ds.checkpoint import MODEL_FILE, WrittenBy
 from seemore_ds.compiling import check_can_compile
 from seemore_ds.config import Config
 from seemore_ds.data.dataset import Batch
@@ -19,7 +20,7 @@ from seemore_ds.evaluation import token_loss_sum
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import DeviceLRSchedule, param_groups
 
-TRAINING_STATE_FILE = "training_state.pt"
+GRAD_SCALER_FILE = "grad_scaler.pt"  # fp16 only: the loss scale
 
 
 class TorchBackend:
@@ -35,6 +36,7 @@ class TorchBackend:
             check_can_compile(self.device)
             self.module.compile()
         self.train_cfg = cfg.train
+        self.global_steps = 0  # optimizer steps taken, skipped ones included (as DeepSpeed counts them)
         # Fused: one kernel per parameter group (on the CPU too), and it takes the decision to skip an update
         # as a device tensor (found_inf), as GradScaler hands it over: no host sync per step.
         self.optimizer = torch.optim.AdamW(
@@ -81,6 +83,7 @@ class TorchBackend:
             del self.optimizer.found_inf
             self.scheduler.step(~skipped)
         self.optimizer.zero_grad(set_to_none=True)
+        self.global_steps += 1
         optimizer_s = timestamp(self.device, timed) - t0
         return StepStats(
             loss=loss, grad_norm=grad_norm, lr=lr,
@@ -107,21 +110,31 @@ class TorchBackend:
     def barrier(self) -> None:
         pass
 
-    def save(self, checkpoint_dir: Path, client_state: dict) -> None:
-        save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, str(checkpoint_dir / MODEL_FILE))
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-             "scaler": self.scaler.state_dict(), "client_state": client_state},
-            checkpoint_dir / TRAINING_STATE_FILE,
-        )
+    def layout(self) -> WrittenBy:
+        return WrittenBy("torch", 1, None, self.train_cfg.precision)
 
-    def load(self, checkpoint_dir: Path) -> dict:
-        state_file = checkpoint_dir / TRAINING_STATE_FILE
-        if not state_file.is_file():
-            raise UserError(f"{checkpoint_dir} holds no {TRAINING_STATE_FILE}: not a checkpoint of the torch backend")
-        self.module.load_state_dict(load_file(str(checkpoint_dir / MODEL_FILE), device=str(self.device)))
-        state = torch.load(state_file, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        return state["client_state"]
+    def save(self, checkpoint_dir: Path) -> None:
+        """The universal layout (this backend's own), and the weights as safetensors for inference."""
+        save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, str(checkpoint_dir / MODEL_FILE))
+        names = universal.group_names(self.module, self.train_cfg.weight_decay)
+        applied = int(self.scheduler.applied)
+        state = universal.from_optimizer(self.module, self.optimizer.state_dict(), names, self.global_steps,
+                                         self.global_steps - applied, self.scheduler.state_dict())
+        universal.write_universal(checkpoint_dir / universal.UNIVERSAL_DIR, state)
+        if self.scaler.is_enabled():
+            torch.save(self.scaler.state_dict(), checkpoint_dir / GRAD_SCALER_FILE)
+
+    def load(self, checkpoint_dir: Path) -> None:
+        self.load_universal(checkpoint_dir / universal.UNIVERSAL_DIR)
+        if self.scaler.is_enabled() and (checkpoint_dir / GRAD_SCALER_FILE).is_file():
+            self.scaler.load_state_dict(torch.load(checkpoint_dir / GRAD_SCALER_FILE, weights_only=True))
+
+    def load_universal(self, folder: Path) -> None:
+        """Weights, Adam's moments and step, the schedule's position and the step counts from a universal folder."""
+        state = universal.read_universal(folder, self.module)
+        self.module.load_state_dict({**state.weights, **state.buffers})
+        names = universal.group_names(self.module, self.train_cfg.weight_decay)
+        current = universal.hyperparameters(self.optimizer.param_groups)
+        self.optimizer.load_state_dict(universal.optimizer_state_dict(state, names, self.device, current))
+        self.scheduler.load_state_dict({"last_epoch": universal.schedule_position(state.lr_scheduler, state.updates)})
+        self.global_steps = state.global_steps

@@ -121,38 +121,41 @@ class TokenizedSplit:
 
 
 class ResumableSampler:
-    """Per-epoch shuffled, rank-sharded batches of indices whose position survives a restart.
+    """Per-epoch shuffled, rank-sharded batches of indices whose position survives a restart on any rank count.
 
-    Every rank draws the same permutation (seed + epoch) and takes every world_size-th index, so
-    the shards are disjoint; the tail that would leave ranks with unequal batch counts is dropped.
+    Every rank draws the same permutation (seed + epoch), the epoch's global order. Each step takes the
+    next ``batch_size x world_size`` samples of it, rank r the r-th ``batch_size`` of them, so the
+    shards are disjoint; a tail too short for a whole step is dropped. The position is the number of
+    samples of the global order already drawn, which means the same at every rank count: a run resumed
+    on another one continues the epoch without repeating or skipping a sample.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.batches_per_epoch = (n // world_size) // batch_size
+        self.samples_per_step = batch_size * world_size
+        self.batches_per_epoch = n // self.samples_per_step
         if self.batches_per_epoch == 0:
             raise UserError(
                 f"the training split has {n} rows, fewer than train.batch_size={batch_size} x {world_size} rank(s); "
                 f"lower train.batch_size or add data"
             )
-        self.epoch, self.batch_index = 0, 0
+        self.epoch, self.position = 0, 0  # position: samples of this epoch's global order drawn by all ranks
         self._order = None
 
     def _epoch_order(self) -> torch.Tensor:
         if self._order is None:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            self._order = perm[self.rank :: self.world_size][: self.batches_per_epoch * self.batch_size]
+            self._order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         return self._order
 
     def next_indices(self) -> torch.Tensor:
-        if self.batch_index == self.batches_per_epoch:
-            self.epoch, self.batch_index, self._order = self.epoch + 1, 0, None
-        start = self.batch_index * self.batch_size
-        self.batch_index += 1
+        if self.position + self.samples_per_step > self.n:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        start = self.position + self.rank * self.batch_size
+        self.position += self.samples_per_step
         return self._epoch_order()[start : start + self.batch_size]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_index": self.batch_index}
+        return {"epoch": self.epoch, "samples_seen_in_epoch": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch_index, self._order = state["epoch"], state["batch_index"], None
+        self.epoch, self.position, self._order = state["epoch"], state["samples_seen_in_epoch"], None

@@ -1,0 +1,29 @@
+"""DeepSpeed's checkpoint file names and how to read them, without importing the engine backend.
+
+Used by the backend, the universal conversion and export alike; DeepSpeed itself is imported only to
+read its pickles safely (``safe_pickles``), never to build an engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODEL_STATES = "mp_rank_00_model_states.pt"  # stages 0-2: the module (stage 0: also the optimizer)
+ZERO3_MODEL_STATES_GLOB = "zero_pp_rank_*_mp_rank_00_model_states.pt"  # stage 3: one per rank
+OPTIMIZER_SHARDS_GLOB = "*zero_pp_rank_*_mp_rank_00_optim_states.pt"  # stages 1-3: one per rank
+
+
+def model_states_file(folder: Path) -> Path:
+    """The file holding the module's buffers, global_steps and the LR schedule: rank 0's under ZeRO-3."""
+    return folder / MODEL_STATES if (folder / MODEL_STATES).is_file() else folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+def is_deepspeed_checkpoint(folder: Path) -> bool:
+    return (folder / MODEL_STATES).is_file() or any(folder.glob(ZERO3_MODEL_STATES_GLOB))
+
+
+def plain_loads(folder: Path):
+    """``torch.load`` inside reads DeepSpeed's files as plain data only (see ``safe_pickles``)."""
+    from seemore_ds.safe_pickles import weights_only_loads
+
+    return weights_only_loads(folder)
