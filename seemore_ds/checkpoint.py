@@ -387,11 +387,9 @@ class CheckpointManager:
         else:
             seed_rng_for(self.cfg.train.seed, self.state.step, rank)
         if saved_world > world:
-            self.say(f"rng: the generator states of rank(s) {world} to {saved_world - 1} are dropped: those ranks no "
-                     f"longer exist")
+            self.say(f"rng: the generator states of {_ranks(world, saved_world)} are dropped: no such rank in this run")
         elif saved_world < world:
-            self.say(f"rng: rank(s) {saved_world} to {world - 1} are new: their generators are seeded from "
-                     f"train.seed, the step and the rank")
+            self.say(f"rng: {_ranks(saved_world, world)} new: generators seeded from train.seed, the step and the rank")
 
     # -- save --
 
@@ -434,6 +432,10 @@ def _reads_natively(saved: WrittenBy, here: WrittenBy) -> bool:
     if saved.backend != here.backend:
         return False
     return here.backend == "torch" or (saved.world_size, saved.zero_stage) == (here.world_size, here.zero_stage)
+
+
+def _ranks(first: int, end: int) -> str:
+    return f"rank {first}" if end == first + 1 else f"ranks {first}-{end - 1}"
 
 
 def _is_inside(path: Path, folder: Path) -> bool:

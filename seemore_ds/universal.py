@@ -16,9 +16,9 @@ optimizer shards). Only this module knows the layout.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
-import sys
 from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +77,8 @@ def write_universal(folder: Path, state: UniversalState) -> None:
     module = {**{k: v.detach().float().cpu() for k, v in state.weights.items()}, **state.buffers}
     model_states = {"module": module, "buffer_names": list(state.buffers), "lr_scheduler": state.lr_scheduler,
                     "global_steps": state.global_steps, "skipped_steps": state.skipped_steps,
-                    "ds_version": DS_VERSION, "optimizer": None, "param_shapes": None}
+                    "ds_version": DS_VERSION, "optimizer": None, "param_shapes": None,
+                    "dp_world_size": 1, "mp_world_size": 1}  # read by DeepSpeed's loader, which then ignores them
     torch.save(model_states, folder / MODEL_STATES)
     torch.save(model_states, folder / ZERO3_MODEL_STATES)
 
@@ -192,8 +193,9 @@ def convert_deepspeed(folder: Path, out: Path, model: SeemoreVLM, weight_decay: 
 
     args = Namespace(input_folder=str(folder), output_folder=str(converted), num_extract_workers=1,
                      num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    # Its progress chatter is not the command's output; its pickles hold only DeepSpeed's plain records.
-    with ds_files.plain_loads(folder), contextlib.redirect_stdout(sys.stderr):
+    # Its progress lines and bars are not the run's output; its pickles hold only DeepSpeed's plain records.
+    chatter = io.StringIO()
+    with ds_files.plain_loads(folder), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
         ds_to_universal.main(args)
     write_universal(out, read_universal_converted(converted, folder, model))
     shutil.rmtree(converted, ignore_errors=True)

@@ -303,9 +303,18 @@ class DeepSpeedBackend:
                 raise UserError(f"DeepSpeed found no checkpoint in {folder}")
             if hasattr(engine.optimizer, "clip_grad"):  # the ZeRO 1-2 loader takes the checkpoint's over the config
                 engine.optimizer.clip_grad = self.ds_config.get("gradient_clipping", 0.0)
+            # The ZeRO-3 loader hands every group one and the same step tensor, which a fused or foreach
+            # AdamW then advances in place once per group: the second group's bias correction would run ahead.
+            inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+            for param_state in inner.state.values():
+                if torch.is_tensor(param_state.get("step")):
+                    param_state["step"] = param_state["step"].clone()
         for group, weight_decay in zip(engine.optimizer.param_groups, (self.train_cfg.weight_decay, 0.0)):
             group.update(weight_decay=weight_decay, betas=(self.train_cfg.beta1, self.train_cfg.beta2), eps=self.train_cfg.eps)
         saved = torch.load(folder / universal.MODEL_STATES, map_location="cpu", weights_only=True)
+        with torch.no_grad():  # DeepSpeed's universal loader restores parameters only, not BatchNorm's statistics
+            for name, buffer in engine.module.named_buffers():
+                buffer.copy_(saved["module"][name])
         updates = state.updates if state else int(saved["global_steps"]) - int(saved["skipped_steps"])
         _set_schedule_position(engine.lr_scheduler, engine.optimizer,
                                universal.schedule_position(saved["lr_scheduler"], updates))
