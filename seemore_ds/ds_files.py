@@ -23,7 +23,12 @@ def is_deepspeed_checkpoint(folder: Path) -> bool:
 
 
 def plain_loads(folder: Path):
-    """``torch.load`` inside reads DeepSpeed's files as plain data only (see ``safe_pickles``)."""
+    """``torch.load`` inside reads DeepSpeed's files as plain data only (see ``safe_pickles``).
+
+    Imports DeepSpeed (for its record types), with its CPU accelerator where there is no GPU."""
+    from seemore_ds.backends.base import resolve_device
+    from seemore_ds.backends.deepspeed_backend import select_accelerator
     from seemore_ds.safe_pickles import weights_only_loads
 
+    select_accelerator(resolve_device("auto"))
     return weights_only_loads(folder)

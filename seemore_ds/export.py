@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seemore_ds import ds_files
-from seemore_ds.backends.base import resolve_device
 from seemore_ds.checkpoint import (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_checkpoint_config, resolve_checkpoint,
                                    written_by)
 from seemore_ds.errors import UserError
@@ -35,14 +34,11 @@ def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                         f"DeepSpeed's {ds_files.MODEL_STATES}")
     if written_by(folder).zero_stage == 0:
         return _stage0_weights(folder)
-    from seemore_ds.backends.deepspeed_backend import select_accelerator
-
-    select_accelerator(resolve_device("auto"))
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     # ZeRO 1-3 keep the fp32 master weights flattened and partitioned in the optimizer shards.
     # Its progress chatter is not the command's output.
     with ds_files.plain_loads(folder), contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     return {name: tensor.float() for name, tensor in state.items()}
 

@@ -197,7 +197,17 @@ def convert_deepspeed(folder: Path, out: Path, model: SeemoreVLM, weight_decay: 
     chatter = io.StringIO()
     with ds_files.plain_loads(folder), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
         ds_to_universal.main(args)
-    write_universal(out, read_universal_converted(converted, folder, model))
+    state = read_universal_converted(converted, folder, model)
+    if meta.zero_stage == 3:
+        # Seen with 0.19.8: for a ZeRO-3 checkpoint of a run that was itself resumed from a universal form, the
+        # converter's fp32 weights of the second parameter group are off by one update (its moments are right);
+        # DeepSpeed's zero_to_fp32 reads the same shards correctly, so the weights come from there.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with ds_files.plain_loads(folder), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            full = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        state.weights = {name: full[name].float().reshape(weight.shape) for name, weight in state.weights.items()}
+    write_universal(out, state)
     shutil.rmtree(converted, ignore_errors=True)
 
 

@@ -166,7 +166,7 @@ def test_checkpoint_is_sharded_per_rank_and_export_matches_engine(runs, name, ca
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     run_dir = runs / name / "resumed"
     checkpoint = run_dir / "checkpoints" / f"step_{FULL:06d}"
-    assert sorted(p.name for p in checkpoint.glob("client_state_rank*.pt")) == ["client_state_rank0.pt", "client_state_rank1.pt"]
+    assert sorted(p.name for p in (checkpoint / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]  # each rank's generators
     stage = int(name[4]) if name.startswith("zero") else 3
     if stage > 0:  # each rank's optimizer shard
         assert len(list(checkpoint.glob("*zero_pp_rank_1_*optim_states.pt"))) == 1
@@ -198,14 +198,6 @@ def test_hf_style_config_in_one_process_matches_the_engine_free_backend(tmp_path
     for a, b in zip(engine, plain):
         for key in ("train_loss", "grad_norm", "lr"):
             assert abs(float(a[key]) - float(b[key])) <= 1e-5, (key, a, b)
-
-
-def test_resume_on_other_rank_count_is_refused_with_the_command(runs):
-    result = cli(["train", *TINY, "train.max_steps=6", "train.resume=auto", "train.backend=deepspeed",
-                  f"run.output_dir={runs / 'zero1' / 'resumed'}", "--deepspeed_config", "ds_configs/zero1.json"])
-    assert result.returncode == 2, result.stderr[-3000:]
-    (line,) = error_lines(result.stderr)
-    assert "written by 2 rank(s), this run has 1" in line and "deepspeed --num_gpus 2" in line
 
 
 def test_error_on_one_rank_ends_every_rank(runs, tmp_path):

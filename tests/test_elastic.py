@@ -184,3 +184,20 @@ def _stage0_order(folder: Path, states: dict) -> list[str]:
     cfg = load_checkpoint_config(folder)
     model = SeemoreVLM(cfg.model, CharTokenizer.load(folder / "tokenizer.json").vocab_size)
     return [name for group in group_names(model, cfg.train.weight_decay) for name in group]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_generate_and_eval_on_a_deepspeed_checkpoint_match_its_export(elastic, stage, capsys, tmp_path):
+    """No export step needed: the checkpoint is consolidated on read, to the very weights export writes."""
+    tmp, _ = elastic
+    checkpoint, export, pngs = step2(tmp / "w2" / stage), tmp_path / "export", tmp_path / "pngs"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(export)]) == 0
+    assert main(["data", "synth", "--out", str(tmp_path / "s.csv"), "--n", "3", "--size", "16", "--png-dir", str(pngs)]) == 0
+    images = sorted(str(p) for p in pngs.iterdir())
+    outputs = []
+    for source in (checkpoint, export):
+        capsys.readouterr()
+        assert main(["generate", "--checkpoint", str(source), "--image", *images]) == 0
+        assert main(["eval", "--checkpoint", str(source), "--json"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == len(images) + 1

@@ -158,8 +158,9 @@ def test_two_nodes_train_save_and_resume_in_one_run_folder(two_nodes):
     run = work / "shared"
     assert f"resuming from {run / 'checkpoints' / 'step_000002'} at step 2" in outputs["shared_resume"][0]
     checkpoint = {p.name for p in (run / "checkpoints" / "step_000004").iterdir()}
-    assert {"client_state_rank0.pt", "client_state_rank1.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    assert {"train_state.json", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"} <= checkpoint
+    assert sorted(p.name for p in (run / "checkpoints" / "step_000004" / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
     # The resumed run continues exactly where a run of 4 steps straight is (steps, losses, lr); where
     # that run kept its checkpoints does not change its numbers.
     resumed, straight = read_csv_rows(run / "losses_log.csv"), read_csv_rows(work / "local" / "losses_log.csv")[:4]
@@ -182,9 +183,9 @@ def test_each_node_keeps_and_resumes_from_its_own_checkpoint_disk(two_nodes, cli
         assert (disk / "latest").read_text().strip() == "step_000006"
         files = {p.name for p in (disk / "step_000004").iterdir()}
         # the node's first rank lays the folder out (model states, config, tokenizer) on its own disk
-        assert {f"client_state_rank{node}.pt", f"zero_pp_rank_{node}_mp_rank_00_optim_states.pt",
+        assert {"train_state.json", f"zero_pp_rank_{node}_mp_rank_00_optim_states.pt",
                 "mp_rank_00_model_states.pt", "config.yaml", "tokenizer.json"} <= files
-        assert f"client_state_rank{other}.pt" not in files
+        assert [p.name for p in (disk / "step_000004" / "rng").iterdir()] == [f"rank{node}.pt"]
         assert f"zero_pp_rank_{other}_mp_rank_00_optim_states.pt" not in files
     assert f"resuming from {run / 'checkpoints' / 'step_000004'} at step 4" in outputs["local_resume"][0]
     rows = read_csv_rows(run / "losses_log.csv")
