@@ -9,17 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # stages 0-2: the module (stage 0: also the optimizer)
-ZERO3_MODEL_STATES_GLOB = "zero_pp_rank_*_mp_rank_00_model_states.pt"  # stage 3: one per rank
-OPTIMIZER_SHARDS_GLOB = "*zero_pp_rank_*_mp_rank_00_optim_states.pt"  # stages 1-3: one per rank
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # stage 3: one per rank, rank 0's named here
 
 
 def model_states_file(folder: Path) -> Path:
     """The file holding the module's buffers, global_steps and the LR schedule: rank 0's under ZeRO-3."""
-    return folder / MODEL_STATES if (folder / MODEL_STATES).is_file() else folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    return folder / MODEL_STATES if (folder / MODEL_STATES).is_file() else folder / ZERO3_MODEL_STATES
 
 
 def is_deepspeed_checkpoint(folder: Path) -> bool:
-    return (folder / MODEL_STATES).is_file() or any(folder.glob(ZERO3_MODEL_STATES_GLOB))
+    return (folder / MODEL_STATES).is_file() or (folder / ZERO3_MODEL_STATES).is_file()
 
 
 def plain_loads(folder: Path):

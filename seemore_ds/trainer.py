@@ -18,7 +18,6 @@ from seemore_ds.data.csv_reader import summarize_bad_rows, write_bad_rows
 from seemore_ds.data.dataset import ResumableSampler, TokenizedSplit, load_caption_data, split_train_val
 from seemore_ds.errors import UserError
 from seemore_ds.evaluation import caption_matches, split_loss
-from seemore_ds.manifest import write_manifest
 from seemore_ds.metrics.csv_log import LOSS_COLUMNS, TIMING_COLUMNS, CSVLog
 from seemore_ds.metrics.monitor import RunMonitor
 from seemore_ds.metrics.plots import plot_run

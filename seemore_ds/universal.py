@@ -33,7 +33,7 @@ from seemore_ds.optim import param_groups
 
 UNIVERSAL_DIR = "universal"
 MODEL_STATES = ds_files.MODEL_STATES
-ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = ds_files.ZERO3_MODEL_STATES
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 DS_VERSION = "0.19.8"  # the layout DeepSpeed 0.19 writes and reads
 

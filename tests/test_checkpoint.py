@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from seemore_ds.backends.torch_backend import TorchBackend
 from seemore_ds.checkpoint import CheckpointManager, list_checkpoints, read_checkpoint_record, read_pointer

@@ -100,3 +100,21 @@ def test_state_dict_is_plain_numbers():
 def test_a_split_smaller_than_one_batch_is_a_user_error():
     with pytest.raises(UserError, match="lower train.batch_size"):
         ResumableSampler(10, batch_size=8, seed=0, world_size=2)
+
+
+# n: a whole number of steps before and after, so that no tail is dropped (a short tail is, at any rank count)
+@pytest.mark.parametrize("before, after, n", [(2, 1, 48), (1, 2, 48), (2, 3, 52)])
+def test_a_resume_on_another_rank_count_sees_every_sample_of_the_epoch_exactly_once(before, after, n):
+    batch_size, steps_before = 4, 2
+    ranks = [ResumableSampler(n, batch_size, seed=9, rank=r, world_size=before) for r in range(before)]
+    seen = [i for _ in range(steps_before) for sampler in ranks for i in sampler.next_indices().tolist()]
+    state = ranks[0].state_dict()
+    assert state == {"epoch": 0, "samples_seen_in_epoch": steps_before * batch_size * before}
+
+    resumed = [ResumableSampler(n, batch_size, seed=9, rank=r, world_size=after) for r in range(after)]
+    for sampler in resumed:
+        sampler.load_state_dict(dict(state))
+    while resumed[0].position + batch_size * after <= n:  # the rest of the epoch
+        seen += [i for sampler in resumed for i in sampler.next_indices().tolist()]
+    assert sorted(seen) == list(range(n))  # each sample of the epoch exactly once
+    assert all(sampler.next_indices().tolist() for sampler in resumed) and resumed[0].epoch == 1
