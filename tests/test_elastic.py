@@ -27,6 +27,7 @@ from tests.test_deepspeed import LAUNCH_TIMEOUT_S, REPO, TINY, launch, loss_rows
 FAST = [*TINY, "train.lr=1e-2", "train.warmup_steps=0", "train.max_steps=4"]
 STAGES = {"zero0": "ds_configs/zero0.json", "zero1": "ds_configs/zero1.json", "zero2": "ds_configs/zero2.json",
           "zero3": "ds_configs/zero3.json", "zero2_offload": "ds_configs/zero2_offload.json"}
+BF16 = ("zero1", "train.precision=bf16")  # written at 2 ranks, resumed at 1, against its own uninterrupted run
 FROM_TORCH = ("zero0", "zero2", "zero3")  # torch -> deepspeed at 2 ranks
 STAGE_CHANGES = {"zero2_to_zero3": ("zero2", "zero3"), "zero3_to_zero1": ("zero3", "zero1")}  # at 2 ranks
 SAME = 1e-5  # one engine against another on the same weights, moments and samples (reduction order apart)
@@ -64,7 +65,7 @@ def elastic():
 
 def _write_and_resume(tmp: Path):
     assert main(train(tmp / "w1" / "torch", None)) == 0  # the engine-free backend, this process
-    first = [train(tmp / "w2" / s, s) for s in STAGES]
+    first = [train(tmp / "w2" / s, s) for s in STAGES] + [train(tmp / "w2" / "bf16", BF16[0], BF16[1])]
     first += [train(tmp / "torch_to" / s, s, f"train.resume={step2(tmp / 'w1' / 'torch')}") for s in FROM_TORCH]
     a = launch(first, tmp, "write_at_2")
     assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
@@ -72,6 +73,7 @@ def _write_and_resume(tmp: Path):
     one = [train(tmp / "w1" / s, s) for s in STAGES]
     one += [train(tmp / "to1" / s, s, f"train.resume={step2(tmp / 'w2' / s)}") for s in STAGES]
     one += [train(tmp / "to_torch" / s, None, f"train.resume={step2(tmp / 'w2' / s)}") for s in STAGES]
+    one += [train(tmp / "to1" / "bf16", BF16[0], BF16[1], f"train.resume={step2(tmp / 'w2' / 'bf16')}")]
     b = run_in_one_process(one, tmp, "at_1")
     assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
 
@@ -108,6 +110,13 @@ def test_written_at_2_ranks_resumes_at_1_from_the_saved_weights_and_moments(elas
         assert abs(losses(resumed)[step] - losses(on_torch)[step]) <= SAME, (step, losses(resumed), losses(on_torch))
 
 
+def test_bf16_written_at_2_ranks_resumes_at_1_from_its_fp32_master_weights(elastic):
+    tmp, out = elastic
+    source, resumed = tmp / "w2" / "bf16", tmp / "to1" / "bf16"
+    assert_resumed(out, resumed, source)
+    assert abs(losses(resumed)[3] - losses(source)[3]) <= SAME  # the bf16 copy of the same fp32 master weights
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_written_at_1_rank_resumes_at_2_from_the_saved_weights(elastic, stage):
     tmp, out = elastic
@@ -137,7 +146,7 @@ def test_stage_change_at_the_same_rank_count_matches_the_uninterrupted_run(elast
         assert abs(losses(tmp / "stage" / name)[step] - losses(source)[step]) <= 1e-4
 
 
-@pytest.mark.parametrize("stage", ["zero0", "zero1", "zero2", "zero2_offload"])
+@pytest.mark.parametrize("stage", ["zero0", "zero1", "zero2", "zero2_offload", "bf16"])
 def test_conversion_keeps_every_weight_and_moment_bit_for_bit(elastic, stage):
     """The universal form against DeepSpeed's own shards, read here independently of its converter."""
     tmp, _ = elastic
@@ -158,7 +167,7 @@ def shard_moments(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 
     with weights_only_loads(folder):
         states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu")
-        shards = [torch.load(p, map_location="cpu") for p in sorted(folder.glob("zero_pp_rank_*_optim_states.pt"))]
+        shards = [torch.load(p, map_location="cpu") for p in sorted(folder.glob("*zero_pp_rank_*_optim_states.pt"))]
     if not shards:  # stage 0: a whole torch AdamW; parameters numbered as its groups list them
         order = [name for group in states["param_shapes"] or [] for name in group] or _stage0_order(folder, states)
         return {name: {k: states["optimizer"]["state"][i][k].flatten() for k in ("exp_avg", "exp_avg_sq")}
