@@ -10,6 +10,7 @@ from pathlib import Path
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # stages 0-2: the module (stage 0: also the optimizer)
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # stage 3: one per rank, rank 0's named here
+OPTIMIZER_SHARDS_GLOB = "*zero_pp_rank_*_optim_states.pt"  # stages 1-3, one per rank (bf16_ prefixed under bf16)
 
 
 def model_states_file(folder: Path) -> Path:

@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seemore_ds import ds_files
-from seemore_ds.checkpoint import (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_checkpoint_config, resolve_checkpoint,
-                                   written_by)
+from seemore_ds.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_checkpoint_config, resolve_checkpoint
 from seemore_ds.errors import UserError
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.safe_pickles import refused
@@ -32,7 +31,7 @@ def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if not ds_files.is_deepspeed_checkpoint(folder):
         raise UserError(f"{folder} is not a seemore-ds checkpoint: it has neither {MODEL_FILE} nor "
                         f"DeepSpeed's {ds_files.MODEL_STATES}")
-    if written_by(folder).zero_stage == 0:
+    if not any(folder.glob(ds_files.OPTIMIZER_SHARDS_GLOB)):  # stage 0, also of checkpoints older than train_state.json
         return _stage0_weights(folder)
     # ZeRO 1-3 keep the fp32 master weights flattened and partitioned in the optimizer shards.
     # Its progress chatter is not the command's output.

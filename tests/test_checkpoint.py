@@ -4,7 +4,8 @@ pruning spares it, ``checkpoint info``/``convert``, and ``export`` refusing a ba
 from __future__ import annotations
 
 import math
-import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from seemore_ds.config import load_config
 from seemore_ds.data.dataset import ResumableSampler
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.tokenizer import CharTokenizer
-from tests.conftest import TINY
+from tests.conftest import REPO, TINY
 
 RUN = [*TINY, "train.max_steps=3", "checkpoint.every=1", "checkpoint.keep_last=0", "eval.every=1", "log.every=1"]
 
@@ -111,21 +112,27 @@ def test_export_refuses_an_out_under_a_file_in_one_line(cli, tiny_run, tmp_path)
     assert (tmp_path / "file.txt").read_text() == "not a folder"
 
 
+KILLED_CONVERSION = """
+import os, sys
+from pathlib import Path
+from seemore_ds.universal import publish_universal
+
+def killed(out):
+    (out / "zero" / "vit.cls_token").mkdir(parents=True)
+    os._exit(9)  # as SIGKILL: no cleanup of any kind runs
+
+publish_universal(Path(sys.argv[1]), killed)
+"""
+
+
 def test_a_conversion_killed_halfway_is_never_trusted(tmp_path):
-    """Only a renamed ``universal/`` counts; a ``.tmp-universal-*`` leftover is removed by the next conversion."""
+    """Only a renamed ``universal/`` counts; what a killed conversion leaves is removed by the next one."""
     from seemore_ds.universal import intact_universal, publish_universal
 
     folder = tmp_path / "step_000002"
     folder.mkdir()
-
-    def killed(out: Path) -> None:
-        (out / "zero").mkdir(parents=True)
-        raise KeyboardInterrupt  # stands for the kill: the write stops halfway
-
-    with pytest.raises(KeyboardInterrupt):
-        publish_universal(folder, killed)
-    assert intact_universal(folder) is None and not list(folder.iterdir())
-    (folder / ".tmp-universal-1").mkdir()  # what a SIGKILL (no cleanup at all) leaves
+    killed = subprocess.run([sys.executable, "-c", KILLED_CONVERSION, str(folder)], cwd=REPO, timeout=120)
+    assert killed.returncode == 9 and list(folder.iterdir()), "the conversion was killed halfway"
+    assert intact_universal(folder) is None
     publish_universal(folder, lambda out: (out / "zero").mkdir(parents=True))
     assert intact_universal(folder) == folder / "universal" and not list(folder.glob(".tmp-*"))
-    shutil.rmtree(folder)

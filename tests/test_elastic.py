@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from seemore_ds.__main__ import main
+from seemore_ds.ds_files import OPTIMIZER_SHARDS_GLOB
 from tests.test_deepspeed import LAUNCH_TIMEOUT_S, REPO, TINY, launch, loss_rows
 
 FAST = [*TINY, "train.lr=1e-2", "train.warmup_steps=0", "train.max_steps=4"]
@@ -167,7 +168,7 @@ def shard_moments(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 
     with weights_only_loads(folder):
         states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu")
-        shards = [torch.load(p, map_location="cpu") for p in sorted(folder.glob("*zero_pp_rank_*_optim_states.pt"))]
+        shards = [torch.load(p, map_location="cpu") for p in sorted(folder.glob(OPTIMIZER_SHARDS_GLOB))]
     if not shards:  # stage 0: a whole torch AdamW; parameters numbered as its groups list them
         order = [name for group in states["param_shapes"] or [] for name in group] or _stage0_order(folder, states)
         return {name: {k: states["optimizer"]["state"][i][k].flatten() for k in ("exp_avg", "exp_avg_sq")}
