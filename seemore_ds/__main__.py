@@ -180,5 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console_script() -> None:
+    """The ``seemore-ds`` command that ``pip install .`` puts on the PATH."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_script()
