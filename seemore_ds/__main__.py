@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     export.add_argument("--out", required=True, help="output folder, or a path ending in .safetensors")
 
-    plot = commands.add_parser("plot", help="write the PNG plots of a run folder, or overlay several runs")
+    plot = commands.add_parser("plot", help="write the PNG plots of a run folder (with captions.png of its latest "
+                                           "checkpoint), or overlay several runs")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", help="folder for the PNGs (default: the run folder; needed for several runs)")
 
@@ -126,8 +127,32 @@ def cmd_plot(args) -> None:
 
     if len(args.run_dirs) > 1 and not args.out:
         raise UserError(f"plotting {len(args.run_dirs)} runs together needs a folder for the PNGs: add --out DIR")
-    for path in plot_runs(args.run_dirs, args.out or args.run_dirs[0]):
+    out_dir = Path(args.out or args.run_dirs[0])
+    for path in plot_runs(args.run_dirs, out_dir):
         print(path)
+    if len(args.run_dirs) == 1:
+        try:
+            print(plot_checkpoint_captions(args.run_dirs[0], out_dir))
+        except UserError as err:  # the curves are still worth having without a checkpoint to caption with
+            print(f"note: no captions.png: {err}")
+
+
+def plot_checkpoint_captions(run_dir: str, out_dir: Path) -> Path:
+    """captions.png of the run's latest checkpoint on the first images of its held-out split."""
+    import torch
+
+    from seemore_ds.checkpoint import load_model_for_inference
+    from seemore_ds.evaluation import generate_captions, held_out_data
+    from seemore_ds.metrics.caption_grid import CAPTIONS_FILE, write_caption_grid
+    from seemore_ds.metrics.monitor import CAPTION_SAMPLES
+
+    model, tokenizer, cfg = load_model_for_inference(run_dir)
+    data = held_out_data(cfg)
+    n = min(CAPTION_SAMPLES, len(data))
+    images = data.images_at(torch.arange(n))
+    captions = generate_captions(model, images, tokenizer)
+    return write_caption_grid(images.numpy(), captions, data.captions[:n], out_dir / CAPTIONS_FILE,
+                              f"{Path(run_dir).resolve().name}, latest checkpoint")
 
 
 def cmd_data(args) -> None:

@@ -69,6 +69,14 @@ def caption_matches(model: SeemoreVLM, split: TokenizedSplit, tokenizer: CharTok
     return sum(p == r for p, r in zip(predicted, references)), len(references)
 
 
+def held_out_data(cfg: Config):
+    """The run's own held-out split, as its training split it off."""
+    _, data = split_train_val(load_caption_data(cfg), cfg.data.val_fraction, cfg.train.seed)
+    if not len(data):
+        raise UserError("the run has no held-out split (data.val_fraction=0); pass --data FILE.csv")
+    return data
+
+
 def evaluate_checkpoint(model: SeemoreVLM, tokenizer: CharTokenizer, cfg: Config, csv_path: str | None,
                         batch_size: int) -> dict:
     """val_loss, caption_exact_match and n on a CSV (bad rows skipped and counted) or the run's held-out split."""
@@ -77,10 +85,8 @@ def evaluate_checkpoint(model: SeemoreVLM, tokenizer: CharTokenizer, cfg: Config
         data = load_caption_data(cfg, csv_path)
         source = csv_path
     else:
-        _, data = split_train_val(load_caption_data(cfg), cfg.data.val_fraction, cfg.train.seed)
+        data = held_out_data(cfg)
         source = f"held-out split of {data.source}"
-        if not len(data):
-            raise UserError("the run has no held-out split (data.val_fraction=0); pass --data FILE.csv")
     split = TokenizedSplit(data, tokenizer, model.text_len)
     val_loss = split_loss(SingleProcessEvaluator(model), split, batch_size)
     matches, n = caption_matches(model, split, tokenizer, batch_size=batch_size)
