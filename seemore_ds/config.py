@@ -50,8 +50,10 @@ class ModelConfig:
     dropout: float = 0.0
     max_caption_len: int = 48  # characters; longer captions are reported as bad rows
     # "patches": the decoder sees the CLS token and every patch token (LLaVA style);
+    # "pooled": the CLS token and the patch grid average-pooled token_pool x token_pool (fewer decoder positions);
     # "cls": only the CLS token, as in the original seemore.
     image_tokens: str = "patches"
+    token_pool: int = 2  # with image_tokens=pooled: patches pooled into one decoder token per side
     # "conv_stem": 3x3 stride-2 convolutions down to the patch grid; "patch": one patch_size convolution, as in seemore.
     patch_embed: str = "conv_stem"
     # LayerNorm on each patch embedding before the positions are added, so that the image, not the
@@ -138,7 +140,7 @@ class Config:
 
 CHOICES = {
     "data.on_bad_row": ("skip", "error"),
-    "model.image_tokens": ("patches", "cls"),
+    "model.image_tokens": ("patches", "pooled", "cls"),
     "model.patch_embed": ("conv_stem", "patch"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.backend": ("torch", "deepspeed", "auto"),
@@ -276,7 +278,7 @@ def validate(cfg: Config) -> None:
     positive = {
         "model.img_size": m.img_size, "model.patch_size": m.patch_size, "model.image_embed_dim": m.image_embed_dim,
         "model.num_blks": m.num_blks, "model.n_embd": m.n_embd, "model.n_layer": m.n_layer, "model.n_head": m.n_head,
-        "model.max_caption_len": m.max_caption_len, "train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
+        "model.max_caption_len": m.max_caption_len, "model.token_pool": m.token_pool, "train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
         "train.grad_accum": t.grad_accum, "data.synth_n": cfg.data.synth_n, "data.max_image_pixels": cfg.data.max_image_pixels,
         "log.every": cfg.log.every, "train.max_nonfinite_steps": t.max_nonfinite_steps,
     }
@@ -294,6 +296,10 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key {key} must be zero or more, got {value}")
     if m.img_size % m.patch_size:
         raise UserError(f"model.img_size ({m.img_size}) must be a multiple of model.patch_size ({m.patch_size})")
+    grid = m.img_size // m.patch_size
+    if m.image_tokens == "pooled" and grid % m.token_pool:
+        raise UserError(f"model.token_pool ({m.token_pool}) must divide the patch grid's side "
+                        f"(model.img_size / model.patch_size = {grid}) with model.image_tokens=pooled")
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.image_embed_dim % m.n_head:
