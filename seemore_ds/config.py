@@ -119,6 +119,7 @@ class WandbConfig:
     entity: str = ""  # empty: your default W&B entity
     name: str = ""  # empty: the run folder's name
     tags: str = ""  # comma-separated
+    group: str = ""  # empty: no W&B group
     mode: str = "online"  # online | offline (online without an API key falls back to offline)
 
 
@@ -133,6 +134,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Dotted keys the user wrote in the YAML file or on the command line (load_config fills it): a
+    # concrete DeepSpeed JSON value may replace a key left at its default, never one of these.
+    explicit_keys: typing.ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -230,8 +234,9 @@ def parse_override(text: str) -> tuple[str, str]:
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated. Records the keys they set."""
     cfg = Config()
+    explicit = set()
     if path:
         file = Path(path)
         if not file.is_file():
@@ -257,8 +262,12 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
                 set_key(cfg, key, value)
             except UserError as err:
                 raise UserError(f"config file {path}: {err}") from None
+            explicit.add(key)
     for text in overrides:
-        set_key(cfg, *parse_override(text))
+        key, value = parse_override(text)
+        set_key(cfg, key, value)
+        explicit.add(key)
+    cfg.explicit_keys = frozenset(explicit)
     validate(cfg)
     return cfg
 

@@ -6,6 +6,7 @@ here, so the data path can stay uint8 end to end.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -69,9 +70,15 @@ class Block(nn.Module):
         self.attn = Attention(dim, n_head, dropout, causal)
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, dropout)
+        self.checkpoint = None  # checkpoint(function, *args): activation checkpointing in training (see checkpoint_blocks)
 
     def forward(self, x, kv_cache: dict | None = None, keep: int | None = None):
         """``keep``: return only the first ``keep`` positions, computing attention outputs and MLP for those alone."""
+        if self.checkpoint is not None and self.training and torch.is_grad_enabled() and kv_cache is None:
+            return self.checkpoint(functools.partial(self._forward, keep=keep), x)
+        return self._forward(x, kv_cache, keep)
+
+    def _forward(self, x, kv_cache: dict | None = None, keep: int | None = None):
         x = x[:, :keep] + self.attn(self.ln1(x), kv_cache, n_queries=keep)
         return x + self.mlp(self.ln2(x))
 
@@ -221,6 +228,13 @@ class SeemoreVLM(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def checkpoint_blocks(self, checkpoint) -> None:
+        """Run every ViT and decoder block in training through ``checkpoint(function, *args)`` (e.g.
+        ``torch.utils.checkpoint`` or DeepSpeed's): each block keeps only its input for the backward."""
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.checkpoint = checkpoint
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

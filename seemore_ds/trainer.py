@@ -294,6 +294,7 @@ class Trainer:
     def _finish(self, train_loss, val_loss, exact, last_checkpoint, wall_s: float) -> TrainResult:
         if exact is None and self.val_split is not None:  # resumed at max_steps: nothing evaluated yet
             exact = self.exact_match()
+        self.backend.finish(self.run_dir)
         if self.is_main:
             if (self.run_dir / "losses_log.csv").is_file() and self.step > 0:
                 plot_run(self.run_dir)

@@ -78,6 +78,9 @@ class Backend(Protocol):
         Each rank normalises its own micro-batches, so the statistics drift apart; evaluation, checkpoints
         and their export must see one model (timm's ``distribute_bn`` does the same)."""
 
+    def finish(self, run_dir: Path) -> None:
+        """At the end of the run, write what the engine recorded over it into ``run_dir``; every rank calls it."""
+
     def save(self, checkpoint_dir: Path, client_state: dict) -> None:
         """Write this rank's part of a checkpoint into ``checkpoint_dir``; every rank calls it."""
 

@@ -107,6 +107,9 @@ class TorchBackend:
     def barrier(self) -> None:
         pass
 
+    def finish(self, run_dir: Path) -> None:
+        pass  # no engine, nothing recorded beside the trainer's own logs
+
     def save(self, checkpoint_dir: Path, client_state: dict) -> None:
         save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, str(checkpoint_dir / MODEL_FILE))
         torch.save(

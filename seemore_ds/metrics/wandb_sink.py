@@ -31,7 +31,7 @@ class WandbSink:
         self.wandb = wandb
         self.run = wandb.init(
             project=w.project, entity=w.entity or None, name=w.name or run_dir.resolve().name,
-            tags=[t.strip() for t in w.tags.split(",") if t.strip()], mode=mode, dir=str(run_dir),
+            tags=[t.strip() for t in w.tags.split(",") if t.strip()], group=w.group or None, mode=mode, dir=str(run_dir),
             config=cfg.to_dict(), id=run_id, resume="allow",
             settings=wandb.Settings(console="off", silent=True),
         )
