@@ -229,12 +229,14 @@ class SeemoreVLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def checkpoint_blocks(self, checkpoint) -> None:
+    def checkpoint_blocks(self, checkpoint) -> int:
         """Run every ViT and decoder block in training through ``checkpoint(function, *args)`` (e.g.
-        ``torch.utils.checkpoint`` or DeepSpeed's): each block keeps only its input for the backward."""
-        for module in self.modules():
-            if isinstance(module, Block):
-                module.checkpoint = checkpoint
+        ``torch.utils.checkpoint`` or DeepSpeed's): each block keeps only its input for the backward.
+        Returns the number of blocks."""
+        blocks = [module for module in self.modules() if isinstance(module, Block)]
+        for block in blocks:
+            block.checkpoint = checkpoint
+        return len(blocks)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

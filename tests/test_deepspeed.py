@@ -86,14 +86,16 @@ SCENARIOS = {
 }
 
 
-def launch(plan: list[list[str]], tmp: Path, name: str, timeout_s: int = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run the plan's commands under ``deepspeed --num_gpus 2`` (CPU ranks); never hangs past the timeout."""
+def launch(plan: list[list[str]], tmp: Path, name: str, timeout_s: int = LAUNCH_TIMEOUT_S, ranks: int = 2,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the plan's commands under ``deepspeed --num_gpus RANKS`` (CPU ranks), with ``env`` added to the
+    environment; never hangs past the timeout."""
     plan_file = tmp / f"{name}.json"
     plan_file.write_text(json.dumps(plan))
     # One thread per rank: two ranks share two cores.
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     port = free_port()
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "--module", "tests.ds_helpers", str(plan_file)]
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), "--module", "tests.ds_helpers", str(plan_file)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
     # DeepSpeed's shm_comm names a 66 MB buffer per rank in /dev/shm after the port and never removes it;
     # the backend unlinks them once mapped, so none outlives its launch, even one whose ranks were killed.

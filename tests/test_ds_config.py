@@ -170,7 +170,7 @@ def test_concrete_json_values_govern_keys_left_at_default():
     ({"optimizer": {"type": "Lamb"}}, [], 'optimizer.type="Lamb" is not one seemore-ds trains with'),
     ({"scheduler": {"type": "Cosine"}}, [], 'scheduler.type="Cosine" is not one of DeepSpeed'),
     ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, [], "both true"),
-    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, [], "offload_param needs ZeRO stage 3"),
+    ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, [], "offload_optimizer needs ZeRO stage 1"),
     ({"flops_profiler": {"enabled": False}}, ["profile.flops_step=1"], "flops_profiler.enabled=false contradicts profile.flops_step=1"),
     ({"flops_profiler": {"enabled": True, "profile_step": 9}}, ["train.max_steps=5"], "profile.flops_step starts at step 10"),
     ({"wandb": {"enabled": True}}, ["wandb.enabled=false"], "wandb.enabled=true contradicts wandb.enabled=false"),

@@ -173,7 +173,10 @@ class DeepSpeedBackend:
         if "activation_checkpointing" in self.ds_config:
             # Configured from the JSON's block; the blocks' inputs are then recomputed in the backward.
             deepspeed.checkpointing.configure(None, deepspeed_config=self.ds_config)
-            model.checkpoint_blocks(deepspeed.checkpointing.checkpoint)
+            blocks = model.checkpoint_blocks(deepspeed.checkpointing.checkpoint)
+            if self.rank == 0:
+                print(f"activation checkpointing ({source}): {blocks} ViT and decoder blocks keep only their inputs "
+                      f"and recompute the rest in the backward", flush=True)
         self._replica = copy.deepcopy(model) if self.zero_stage == 3 else None
         self._replica_step = -1
         self.engine, _, _, _ = deepspeed.initialize(

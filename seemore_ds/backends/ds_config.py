@@ -289,7 +289,9 @@ def _resolve_zero(r: _Resolver) -> None:
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise UserError(f"{r.source}: zero_optimization.stage must be 0, 1, 2 or 3, got {json.dumps(stage)}")
     zero["stage"] = int(stage)
-    for what, lowest in (("offload_optimizer", 1), ("offload_param", 3)):
+    # DeepSpeed reads offload_param at stage 3 only (DeepSpeed-Chat's JSONs carry it at every stage), but an
+    # offloaded optimizer at stage 0 would step the GPU's parameters on the CPU.
+    for what, lowest in (("offload_optimizer", 1), ("offload_param", 0)):
         if what in zero and zero[what] is not None:
             offload = r.block(zero, what, f"zero_optimization.{what}")
             device = offload.get("device", "none")
