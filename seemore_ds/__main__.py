@@ -31,6 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DeepSpeed JSON config (same as train.deepspeed_config=FILE)")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
+    plan = commands.add_parser("plan", help="ZeRO stage, offload, micro-batch and accumulation that fit your hardware; writes the DeepSpeed JSON")
+    plan.add_argument("--config", help="YAML run config (model sizes, caption length, precision, batch)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.precision=bf16")
+    plan.add_argument("--nodes", type=_positive_int, default=1)
+    plan.add_argument("--gpus-per-node", type=_positive_int, default=1)
+    plan.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory of one GPU (default 80)")
+    plan.add_argument("--cpu-mem", type=float, default=None, metavar="GIB", help="host memory per node (default: this machine's)")
+    plan.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="cpu: plan CPU ranks on this machine")
+    plan.add_argument("--ranks", type=_positive_int, default=None, help="CPU ranks (with --device cpu)")
+    plan.add_argument("--global-batch", type=_positive_int, default=None,
+                      help="samples per optimizer step over all ranks (default: train.batch_size x train.grad_accum x ranks)")
+    plan.add_argument("--out", help="write the chosen DeepSpeed JSON here")
+
     generate = commands.add_parser("generate", help="caption images with a trained model")
     generate.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or export folder")
     generate.add_argument("--image", required=True, nargs="+", help="image file(s) in any format PIL reads")
@@ -78,6 +91,17 @@ def cmd_train(args) -> None:
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
     train(load_config(args.config, overrides))
+
+
+def cmd_plan(args) -> None:
+    import psutil
+
+    from seemore_ds.config import load_config
+    from seemore_ds.plan import run_plan, target_from_args
+
+    cpu_mem = args.cpu_mem if args.cpu_mem is not None else psutil.virtual_memory().total / 2**30
+    target = target_from_args(args.nodes, args.gpus_per_node, args.gpu_mem, cpu_mem, args.device, args.ranks)
+    print(run_plan(load_config(args.config, args.overrides), target, args.global_batch, args.out))
 
 
 def cmd_generate(args) -> None:
@@ -176,7 +200,7 @@ def cmd_hostfile(args) -> None:
     print(describe_hosts(args.file, read_hostfile(args.file)))
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot, "data": cmd_data,
+COMMANDS = {"train": cmd_train, "plan": cmd_plan, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot, "data": cmd_data,
             "export": cmd_export, "hostfile": cmd_hostfile}
 
 
@@ -186,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     # argparse alone stops collecting positionals; pick them up from the leftovers.
     args, leftovers = parser.parse_known_args(argv)
     overrides = [arg for arg in leftovers if "=" in arg and not arg.startswith("-")]
-    if leftovers and (args.command != "train" or len(overrides) != len(leftovers)):
+    if leftovers and (args.command not in ("train", "plan") or len(overrides) != len(leftovers)):
         parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
     if overrides:
         args.overrides = [*args.overrides, *overrides]

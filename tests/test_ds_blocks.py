@@ -1,9 +1,9 @@
 """JSONs users already own, trained unchanged by the real engine under the real launcher (CPU ranks).
 
-One 2-rank launch trains three runs: a DeepSpeed-Chat style JSON (concrete bf16 without an fp16
+One 2-rank launch trains four runs: a DeepSpeed-Chat style JSON (concrete bf16 without an fp16
 block, concrete batch, AdamW + WarmupDecayLR, ZeRO-Offload, flops_profiler, wandb and csv_monitor
 blocks), a ZeRO-3 JSON with activation_checkpointing and comms_logger blocks, and the same without
-those two, to compare. One 1-rank launch checks that /dev/shm is left as found at one rank too.
+those two, to compare, and the JSON ``python -m seemore_ds plan`` wrote for 2 CPU ranks. One 1-rank launch checks that /dev/shm is left as found at one rank too.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from seemore_ds.__main__ import main
 from seemore_ds.backends.ds_config import COMMS_SUMMARY_FILE
 from tests.test_deepspeed import TINY, launch, loss_rows
 
@@ -31,8 +32,8 @@ CHAT_STYLE = {  # as DeepSpeed-Chat's get_train_ds_config writes it, with offloa
                           "stage3_prefetch_bucket_size": 3e7, "memory_efficient_linear": False},
     "bf16": {"enabled": True}, "gradient_clipping": 1.0, "prescale_gradients": False, "wall_clock_breakdown": False,
     "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}},
-    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 2e-3, "warmup_num_steps": 1,
-                                                      "total_num_steps": 3}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 2e-3, "warmup_num_steps": 2,
+                                                      "total_num_steps": 4}},
     "flops_profiler": {"enabled": True, "profile_step": 1, "module_depth": -1, "top_modules": 1, "detailed": True},
     "wandb": {"enabled": True, "project": "seemore-json", "group": "chat-style"},
     "csv_monitor": {"enabled": True, "output_path": "ds_csv", "job_name": "chat"},
@@ -52,7 +53,7 @@ ZERO3_CHECKPOINTED = {
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The three runs of one 2-rank launch: (folder, launch stdout)."""
+    """The runs of one 2-rank launch: (folder, launch stdout)."""
     tmp = Path(tempfile.mkdtemp(prefix="seemore-ds-blocks-"))
     try:
         plan = []
@@ -61,6 +62,11 @@ def trained(tmp_path_factory):
             (tmp / f"{name}.json").write_text(json.dumps(tree, indent=2))
             plan.append(["train", *TINY_MODEL, *extra, "train.max_steps=3" if name != "chat" else "eval.every=0",
                          f"run.output_dir={tmp / name}", "--deepspeed_config", str(tmp / f"{name}.json")])
+        # The plan's JSON for this machine's 2 CPU ranks, then trained unchanged in the same launch.
+        assert main(["plan", "--device", "cpu", "--ranks", "2", "--cpu-mem", "8", "--global-batch", "8", *TINY_MODEL,
+                     "--out", str(tmp / "plan.json")]) == 0
+        plan.append(["train", *TINY_MODEL, "train.max_steps=2", f"run.output_dir={tmp / 'plan'}",
+                     "--deepspeed_config", str(tmp / "plan.json")])
         env = {"WANDB_MODE": "offline", **{key: str(tmp / key.lower()) for key in
                                           ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")}}
         result = launch(plan, tmp, "blocks", env=env)
@@ -76,15 +82,17 @@ def test_chat_style_json_trains_as_given_and_says_where_values_came_from(trained
     for line in ("train.precision=bf16 from {} bf16.enabled",
                  "train.batch_size=2 from {} train_micro_batch_size_per_gpu",
                  "train.grad_accum=4 from {} train_batch_size (16 / (train.batch_size 2 x 2 rank(s)))",
-                 "train.lr=0.002 from {} optimizer.params.lr", "train.max_steps=3 from {} scheduler.params.total_num_steps",
+                 "train.lr=0.002 from {} optimizer.params.lr", "train.max_steps=4 from {} scheduler.params.total_num_steps",
                  "wandb.enabled=true from {} wandb.enabled", "wandb.group=chat-style from {} wandb.group"):
         assert stdout.count(line.format(source)) == 1, (line, stdout[-3000:])  # rank 0 alone says it
     saved = yaml.safe_load((tmp / "chat" / "config.yaml").read_text())["train"]
-    assert (saved["precision"], saved["batch_size"], saved["grad_accum"], saved["lr"], saved["max_steps"]) == ("bf16", 2, 4, 0.002, 3)
+    assert (saved["precision"], saved["batch_size"], saved["grad_accum"], saved["lr"], saved["max_steps"]) == ("bf16", 2, 4, 0.002, 4)
     rows = loss_rows(tmp / "chat")
-    assert [int(r["step"]) for r in rows] == [1, 2, 3]
-    assert json.loads((tmp / "chat" / "summary.json").read_text())["samples"] == 3 * 16
-    assert float(rows[0]["lr"]) < float(rows[1]["lr"]) and float(rows[-1]["lr"]) < float(rows[1]["lr"])  # WarmupDecayLR
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert json.loads((tmp / "chat" / "summary.json").read_text())["samples"] == 4 * 16
+    # DeepSpeed's WarmupDecayLR from the JSON (warm-up from warmup_min_lr 0 to warmup_max_lr), not the YAML's cosine
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(2e-3)
 
 
 def test_flops_profiler_block_gives_the_profile_step_output(trained):
@@ -98,9 +106,9 @@ def test_wandb_block_turns_on_the_trainers_sink_only(trained):
     tmp, _ = trained
     runs = list((tmp / "chat" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1  # DeepSpeed's own W&B writer would have started a second run elsewhere
-    assert not list(tmp.glob("wandb_dir/wandb/*run-*"))
-    logged = yaml.safe_load((runs[0] / "files" / "config.yaml").read_text())
-    assert logged["wandb"]["value"]["project"] == "seemore-json" and logged["wandb"]["value"]["group"] == "chat-style"
+    assert not list(tmp.glob("wandb_dir/wandb/*run-*"))  # where DeepSpeed's writer (no dir of its own) would log
+    (record,) = runs[0].glob("run-*.wandb")
+    assert b"seemore-json" in record.read_bytes() and b"chat-style" in record.read_bytes()  # project and group
 
 
 def test_csv_monitor_writes_under_the_run_folder(trained):
@@ -117,7 +125,8 @@ def test_comms_logger_summary_is_printed_and_saved(trained):
     rows = [line.split() for line in table.splitlines()[2:]]
     operations = {row[0] for row in rows}
     assert "all_gather_into_tensor" in operations or "all_gather" in operations, table  # ZeRO-3 gathers parameters
-    assert all(int(row[1]) > 0 and int(row[2]) > 0 and float(row[3]) >= 0 for row in rows)
+    assert rows and all(int(row[1]) > 0 and int(row[2]) >= 0 and float(row[3]) >= 0 for row in rows)
+    assert sum(int(row[1]) * int(row[2]) for row in rows) > 0
     assert f"comms ({tmp / 'ckpt' / COMMS_SUMMARY_FILE})" in stdout and table.splitlines()[1] in stdout
     assert not (tmp / "plain" / COMMS_SUMMARY_FILE).exists()
 
@@ -144,6 +153,14 @@ def test_deepspeed_checkpoint_function_saves_activation_memory():
     assert checkpointed_bytes < 0.6 * plain_bytes, (checkpointed_bytes, plain_bytes)
     for a, b in zip(plain_grads, grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_the_planned_json_trains_unchanged(trained):
+    tmp, stdout = trained
+    planned = json.loads((tmp / "plan.json").read_text())
+    assert planned["train_micro_batch_size_per_gpu"] * planned["gradient_accumulation_steps"] * 2 == 8
+    assert f"train.batch_size={planned['train_micro_batch_size_per_gpu']} from {tmp / 'plan.json'}" in stdout
+    assert json.loads((tmp / "plan" / "summary.json").read_text())["samples"] == 2 * 8
 
 
 def test_one_rank_launch_leaves_dev_shm_as_found(tmp_path):
