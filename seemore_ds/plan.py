@@ -228,20 +228,17 @@ def ds_json(chosen: Estimate, per_rank_batch: int) -> dict:
     }
 
 
-def _gib(value: float) -> str:
-    return f"{value / GIB:.2f}"
-
-
 def plan_table(rows: list[Estimate], chosen: Estimate | None, target: Target, budget: float) -> str:
-    """The per-rank table, in GiB, with the choice marked."""
-    lines = ["| choice | micro-batch | params | grads | Adam | fp32 master | buffers | activations | device total | host | comm/step | fits |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    """The per-rank table (GiB, or MiB for small models), with the choice marked."""
+    unit, scale = ("GiB", GIB) if max(e.device for e in rows) >= GIB else ("MiB", 2**20)
+    lines = [f"| choice | micro-batch | params {unit} | grads | Adam | fp32 master | buffers | activations | device total | "
+             f"host | comm/step | fits |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for e in rows:
         fits = "yes" if e.device <= budget and e.host <= target.host_bytes * HEADROOM else "no"
         mark = " **<- chosen**" if e is chosen else ""
-        lines.append(f"| {e.choice.name()} | {e.micro_batch} | {_gib(e.params)} | {_gib(e.grads)} | {_gib(e.optimizer)} | "
-                     f"{_gib(e.master)} | {_gib(e.buffers)} | {_gib(e.activations)} | {_gib(e.device)} | {_gib(e.host)} | "
-                     f"{_gib(e.comm)} | {fits}{mark} |")
+        cells = " | ".join(f"{value / scale:.2f}" for value in (e.params, e.grads, e.optimizer, e.master, e.buffers,
+                                                                 e.activations, e.device, e.host, e.comm))
+        lines.append(f"| {e.choice.name()} | {e.micro_batch} | {cells} | {fits}{mark} |")
     return "\n".join(lines)
 
 
@@ -252,7 +249,7 @@ def run_plan(cfg: Config, target: Target, global_batch: int | None, out: str | N
     psi = count_params(cfg.model, VOCAB_GUESS)
     budget = target.device_bytes * HEADROOM
     text = [f"plan: {psi / 1e6:.1f}M parameters, {cfg.train.precision}, global batch {global_batch} on {target.describe()}; "
-            f"per rank in GiB (a plan fills at most {HEADROOM:.0%} of the memory); comm = bytes each rank sends per optimizer step",
+            f"per rank (a plan fills at most {HEADROOM:.0%} of a device); comm = bytes each rank sends per optimizer step",
             plan_table(rows, chosen, target, budget)]
     if chosen is None:
         raise UserError("\n".join(text[:2] + [f"plan: nothing fits, even one sample per rank with ZeRO-3 and every offload; "
