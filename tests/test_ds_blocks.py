@@ -2,7 +2,7 @@
 
 One 2-rank launch trains four runs: a DeepSpeed-Chat style JSON (concrete bf16 without an fp16
 block, concrete batch, AdamW + WarmupDecayLR, ZeRO-Offload, flops_profiler, wandb and csv_monitor
-blocks), a ZeRO-3 JSON with activation_checkpointing and comms_logger blocks, and the same without
+blocks), a ZeRO-3 JSON with activation_checkpointing, comms_logger and tensorboard blocks, and the same without
 those two, to compare, and the JSON ``python -m seemore_ds plan`` wrote for 2 CPU ranks. One 1-rank launch checks that /dev/shm is left as found at one rank too.
 """
 
@@ -48,6 +48,7 @@ ZERO3_CHECKPOINTED = {
     "activation_checkpointing": {"partition_activations": False, "contiguous_memory_optimization": False,
                                  "cpu_checkpointing": False},
     "comms_logger": {"enabled": True, "verbose": False, "prof_all": True},
+    "tensorboard": {"enabled": True, "output_path": "tb", "job_name": "ckpt"},
 }
 
 
@@ -117,6 +118,12 @@ def test_csv_monitor_writes_under_the_run_folder(trained):
     assert written, list((tmp / "chat").rglob("*"))
     with open(written[0], newline="") as handle:
         assert len(list(csv.reader(handle))) >= 2  # a header and at least one logged row
+
+
+def test_tensorboard_monitor_writes_under_the_run_folder(trained):
+    tmp, _ = trained
+    (events,) = (tmp / "ckpt" / "tb" / "ckpt").glob("events.out.tfevents.*")
+    assert events.stat().st_size > 100  # more than the header: DeepSpeed's monitor logged its scalars
 
 
 def test_comms_logger_summary_is_printed_and_saved(trained):

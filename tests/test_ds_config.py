@@ -209,3 +209,14 @@ def test_the_run_config_saved_holds_the_adopted_values(tmp_path):
     assert (saved.train.precision, saved.train.batch_size) == ("bf16", 4)
     # Resumed with the same JSON, the saved run config (every key now set) agrees with it.
     resolve_ds_config({"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 4}, saved, 2, "ds.json")
+
+
+def test_tensorboard_block_without_the_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    with pytest.raises(UserError, match="needs the tensorboard package: pip install tensorboard"):
+        settle({"tensorboard": {"enabled": True, "output_path": "tb"}})
+    resolved, _, _ = settle({"tensorboard": {"enabled": False}})  # a disabled block needs nothing
+    assert resolved["tensorboard"] == {"enabled": False}
