@@ -81,14 +81,19 @@ class Estimate:
         return self.params + self.grads + self.optimizer + self.master + self.buffers + self.activations
 
 
-def count_params(m: ModelConfig, vocab: int) -> int:
-    """Parameters of SeemoreVLM for these sizes, without building it."""
-    from seemore_ds.model import SeemoreVLM
-
+def shape_of(m: ModelConfig, vocab: int):
+    """SeemoreVLM of these sizes on the meta device: its shapes and counts, no memory."""
     import torch
 
+    from seemore_ds.model import SeemoreVLM
+
     with torch.device("meta"):
-        return SeemoreVLM(m, vocab).num_params()
+        return SeemoreVLM(m, vocab)
+
+
+def count_params(m: ModelConfig, vocab: int) -> int:
+    """Parameters of SeemoreVLM for these sizes, without building it."""
+    return shape_of(m, vocab).num_params()
 
 
 def activation_bytes(m: ModelConfig, vocab: int, micro_batch: int, precision: str) -> float:
@@ -102,7 +107,8 @@ def activation_bytes(m: ModelConfig, vocab: int, micro_batch: int, precision: st
     b = 2 if precision in ("bf16", "fp16") else 4
     patches = (m.img_size // m.patch_size) ** 2
     vit_tokens, d = patches + 1, m.image_embed_dim
-    image_tokens = 1 if m.image_tokens == "cls" else vit_tokens
+    image_tokens = shape_of(m, vocab).num_image_tokens  # what the projector and decoder see
+    vit_out = 1 if m.image_tokens == "cls" else vit_tokens  # what the ViT's last block computes
     text = m.max_caption_len + 1
     dec_tokens, c = image_tokens + text, m.n_embd
 
@@ -120,8 +126,10 @@ def activation_bytes(m: ModelConfig, vocab: int, micro_batch: int, precision: st
             width = max(d >> (halvings - 1 - i), 16)
             stem += 2 * width * side * side * b  # BatchNorm's input and ReLU's output (the next conv's input)
     vit = stem + patches * d * b + vit_tokens * 2 * 4  # patch LayerNorm input and statistics
-    vit += (m.num_blks - 1) * block(vit_tokens, d) + block(vit_tokens, d, image_tokens)
-    vit += image_tokens * d * b + image_tokens * 2 * 4  # final LayerNorm
+    vit += (m.num_blks - 1) * block(vit_tokens, d) + block(vit_tokens, d, vit_out)
+    vit += vit_out * d * b + vit_out * 2 * 4  # final LayerNorm
+    if m.image_tokens == "pooled":
+        vit += patches * d * b  # the patch grid average-pooled (a contiguous copy)
     projector = 9 * image_tokens * d * b
     decoder = m.n_layer * block(dec_tokens, c) + dec_tokens * c * b + dec_tokens * 2 * 4  # + ln_f
     decoder += dec_tokens * c * b  # lm_head input (ln_f's output)

@@ -25,7 +25,9 @@ NINETY_M = ["model.image_embed_dim=768", "model.n_embd=768", "model.num_blks=6",
 def test_activations_from_shapes_match_what_autograd_saves():
     for sizes in (dict(img_size=16, patch_size=8, image_embed_dim=32, num_blks=1, n_embd=32, n_layer=1, n_head=2),
                   dict(img_size=32, patch_size=4, image_embed_dim=64, num_blks=2, n_embd=96, n_layer=3, n_head=4,
-                       image_tokens="cls")):
+                       image_tokens="cls"),
+                  dict(img_size=32, patch_size=4, image_embed_dim=64, num_blks=2, n_embd=96, n_layer=2, n_head=4,
+                       image_tokens="pooled", token_pool=2)):
         model, batch = tiny_model_and_batch(sizes, batch_size=3)
         measured, _ = saved_activation_bytes(model, batch)
         predicted = activation_bytes(ModelConfig(**sizes), 40, 3, "fp32")
