@@ -168,8 +168,6 @@ class DeepSpeedBackend:
         if "scheduler" not in self.ds_config:  # DeepSpeed calls it with the optimizer it builds
             scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda step: lr_multiplier(step, cfg.train))
 
-        # ZeRO-3 partitions the model's parameters; evaluation and generation use a full copy
-        # (see _full_model) so that ranks with unequal work never wait on each other's all-gathers.
         if "activation_checkpointing" in self.ds_config:
             # Configured from the JSON's block; the blocks' inputs are then recomputed in the backward.
             deepspeed.checkpointing.configure(None, deepspeed_config=self.ds_config)
@@ -177,6 +175,8 @@ class DeepSpeedBackend:
             if self.rank == 0:
                 print(f"activation checkpointing ({source}): {blocks} ViT and decoder blocks keep only their inputs "
                       f"and recompute the rest in the backward", flush=True)
+        # ZeRO-3 partitions the model's parameters; evaluation and generation use a full copy
+        # (see _full_model) so that ranks with unequal work never wait on each other's all-gathers.
         self._replica = copy.deepcopy(model) if self.zero_stage == 3 else None
         self._replica_step = -1
         self.engine, _, _, _ = deepspeed.initialize(
