@@ -8,6 +8,9 @@ to nothing.
 
 from __future__ import annotations
 
+import os
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,9 +18,11 @@ import numpy as np
 import torch
 
 from seemore_ds.config import Config
-from seemore_ds.data.csv_reader import BadRow, Decoded, read_caption_csv
-from seemore_ds.data.image_cache import cache_key, load_or_decode
+from seemore_ds.data.csv_reader import check_usable
+from seemore_ds.data.decoding import BadRow, DecodeResult, DecodeSettings, decode_tables, default_workers
+from seemore_ds.data.image_cache import cache_key, load_or_decode, map_images
 from seemore_ds.data.images import to_rgb_array
+from seemore_ds.data.tables import table_files
 from seemore_ds.data.synthetic import synthetic_dataset
 from seemore_ds.errors import UserError
 from seemore_ds.model import IGNORE_INDEX
@@ -28,11 +33,12 @@ from seemore_ds.tokenizer import CharTokenizer
 class CaptionData:
     images: torch.Tensor  # uint8 (M, 3, S, S), possibly shared with other splits and, mapped, with other processes
     captions: list[str]
-    source: str  # the CSV path, or "built-in synthetic (N)"
+    source: str  # data.csv as given, or "built-in synthetic (N)"
     bad_rows: list[BadRow] = field(default_factory=list)
     rows: torch.Tensor | None = None  # this data's rows of ``images``, in order; None: all of them
     decoded: bool = True  # False: this process mapped images another process decoded into the cache
     cache_file: Path | None = None  # the image cache's file ``images`` is mapped from
+    decode: DecodeResult | None = None  # the decode's figures, when this process decoded
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -48,25 +54,60 @@ class CaptionData:
 
 
 def load_caption_data(cfg: Config, csv_path: str | None = None, cache_dir: Path | None = None) -> CaptionData:
-    """The configured CSV (or ``csv_path``), else the built-in synthetic dataset; decoded once, and with
-    ``cache_dir`` once per node: the first process writes the decoded images there, the others map them."""
-    path = cfg.data.csv if csv_path is None else csv_path
-    source = path or f"built-in synthetic ({cfg.data.synth_n} images)"
+    """The configured tables (or ``csv_path``: see ``tables.table_files``), else the built-in synthetic
+    dataset; decoded once, and with ``cache_dir`` once per node: the first process writes the decoded
+    images there, the others map them. Without it the images go to a temporary file that is mapped,
+    then deleted: still paged by the OS, never held in this process's own memory."""
+    spec = cfg.data.csv if csv_path is None else csv_path
+    source = spec or f"built-in synthetic ({cfg.data.synth_n} images)"
+    shape = (3, cfg.model.img_size, cfg.model.img_size)
     if cache_dir is None:
-        images, captions, bad = decode_caption_data(cfg, path)
-        return CaptionData(torch.from_numpy(images), captions, source, bad)
-    key = cache_key(cfg, path)
-    images, captions, bad, decoded = load_or_decode(cache_dir, key, lambda: decode_caption_data(cfg, path))
-    return CaptionData(images, captions, source, bad, decoded=decoded, cache_file=cache_dir / f"{key}.u8")
+        with tempfile.TemporaryDirectory(prefix="seemore-ds-decode-") as folder:
+            image_file = Path(folder) / "images.u8"
+            result = decode_caption_data(cfg, spec, image_file, progress=_shows_progress(cfg))
+            images = map_images(image_file, (result.n_images, *shape))  # the mapping outlives the file's name
+        return CaptionData(images, result.captions, source, result.bad_rows, decode=result)
+    key = cache_key(cfg, spec)
+    images, captions, bad, result = load_or_decode(
+        cache_dir, key, shape, lambda image_file: decode_caption_data(cfg, spec, image_file, cfg.log.progress))
+    return CaptionData(images, captions, source, bad, decoded=result is not None, cache_file=cache_dir / f"{key}.u8",
+                       decode=result)
 
 
-def decode_caption_data(cfg: Config, csv_path: str) -> Decoded:
-    """(uint8 images (N, 3, S, S), captions, skipped rows) of the CSV; empty ``csv_path``: the built-in dataset."""
-    if csv_path:
-        return read_caption_csv(csv_path, cfg.model.img_size, cfg.model.max_caption_len, cfg.data.max_image_pixels,
-                                cfg.data.on_bad_row)
-    pil_images, captions = synthetic_dataset(cfg.data.synth_n, seed=cfg.train.seed, size_px=cfg.model.img_size)
-    return np.stack([to_rgb_array(img, cfg.model.img_size) for img in pil_images]), captions, []
+def decode_caption_data(cfg: Config, spec: str, image_file: Path, progress: bool = False) -> DecodeResult:
+    """Decode the tables ``spec`` names (empty: the built-in dataset) into ``image_file``, uint8
+    (N, 3, S, S), on ``data.decode_workers`` processes; a progress bar when ``progress``."""
+    if not spec:
+        start = time.perf_counter()
+        pil_images, captions = synthetic_dataset(cfg.data.synth_n, seed=cfg.train.seed, size_px=cfg.model.img_size)
+        np.stack([to_rgb_array(img, cfg.model.img_size) for img in pil_images]).tofile(image_file)
+        return DecodeResult(len(captions), captions, [], time.perf_counter() - start, 1)
+    settings = DecodeSettings(cfg.model.img_size, cfg.model.max_caption_len, cfg.data.max_image_pixels)
+    result = decode_tables(table_files(spec), settings, image_file, cfg.data.on_bad_row,
+                           cfg.data.decode_workers or default_workers(), progress=progress)
+    check_usable(spec, result)
+    return result
+
+
+def _shows_progress(cfg: Config) -> bool:
+    """Without the cache every rank decodes: only the first (or a lone process) shows its progress."""
+    return cfg.log.progress and os.environ.get("RANK", "0") == "0"
+
+
+def load_train_val(cfg: Config, cache_dir: Path | None = None) -> tuple[CaptionData, CaptionData, CaptionData]:
+    """(the training data, its training rows, the held-out rows): ``data.val_csv`` when set (all of the
+    training data then trains), else a split of the training data by ``data.val_fraction``."""
+    data = load_caption_data(cfg, cache_dir=cache_dir)
+    if cfg.data.val_csv:
+        return data, data, load_caption_data(cfg, cfg.data.val_csv, cache_dir=cache_dir)
+    return data, *split_train_val(data, cfg.data.val_fraction, cfg.train.seed)
+
+
+def load_held_out(cfg: Config) -> CaptionData:
+    """The held-out rows alone: ``data.val_csv``, else the split of the training data."""
+    if cfg.data.val_csv:
+        return load_caption_data(cfg, cfg.data.val_csv)
+    return split_train_val(load_caption_data(cfg), cfg.data.val_fraction, cfg.train.seed)[1]
 
 
 def split_train_val(data: CaptionData, val_fraction: float, seed: int) -> tuple[CaptionData, CaptionData]:
