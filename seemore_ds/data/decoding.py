@@ -195,7 +195,7 @@ def decode_tables(files: list[Path], settings: DecodeSettings, out_path: Path, o
     first = list(itertools.islice(chunks, 2))
     parallel = workers > 1 and len(first) > 1  # one chunk of data is not worth starting processes for
     decode = _Decode(files, reader, on_bad_row, progress, row_bytes)
-    with open(out_path, "wb") as out:
+    with open(out_path, "w+b") as out:
         try:
             if parallel:
                 _decode_in_workers(itertools.chain(first, chunks), settings, out_path, out.fileno(), workers, decode)
