@@ -14,7 +14,7 @@ from seemore_ds import checkpoint as ckpt
 from seemore_ds.backends import build_backend
 from seemore_ds.config import Config, save_config
 from seemore_ds.data.csv_reader import summarize_bad_rows, write_bad_rows
-from seemore_ds.data.dataset import ResumableSampler, TokenizedSplit, load_train_val
+from seemore_ds.data.dataset import BatchPrefetcher, ResumableSampler, TokenizedSplit, load_train_val
 from seemore_ds.data.tables import absolute_spec
 from seemore_ds.errors import UserError
 from seemore_ds.evaluation import caption_matches, split_loss
@@ -230,11 +230,12 @@ class Trainer:
         skipped_since_row = 0
         start_s = time.perf_counter()
         compiling = cfg.train.compile  # the first step of this process compiles the model
+        batches = BatchPrefetcher(self.train_split, self.sampler, cfg.train.grad_accum)
         while self.step < cfg.train.max_steps:
             if self.monitor:
                 self.monitor.before_step(self.step + 1)
             t0 = time.perf_counter()
-            micro_batches = [self.train_split.batch(self.sampler.next_indices()) for _ in range(cfg.train.grad_accum)]
+            micro_batches = batches.next_step()
             data_s = time.perf_counter() - t0
             log_now = self._due(cfg.log.every, self.step + 1)
             eval_now, checkpoint_now = self._due(cfg.eval.every, self.step + 1), self._due(cfg.checkpoint.every, self.step + 1)

@@ -18,15 +18,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from seemore_ds.config import load_config
 from seemore_ds.data import image_cache
 from seemore_ds.data.csv_reader import read_caption_csv, write_bad_rows
-from seemore_ds.data.dataset import load_caption_data, load_train_val
+from seemore_ds.data.dataset import (BatchPrefetcher, CaptionData, ResumableSampler, TokenizedSplit, load_caption_data,
+                                     load_train_val)
 from seemore_ds.data.decoding import DecodeSettings, decode_tables
 from seemore_ds.data.tables import table_files
 from seemore_ds.errors import UserError
+from seemore_ds.tokenizer import CharTokenizer
 from tests.conftest import REPO, TINY
 
 SIZE = 16
@@ -309,3 +312,23 @@ def test_a_warm_load_maps_the_cache_without_reading_the_tables(tmp_path, monkeyp
     assert hashlib.sha256(warm.images.numpy().tobytes()).digest() == hashlib.sha256(cold.images.numpy().tobytes()).digest()
     assert warm.captions == cold.captions and warm.bad_rows == cold.bad_rows
     assert table_files(str(table)) == [table]
+
+
+# --- prefetching -----------------------------------------------------------------------------------
+
+def test_prefetched_batches_are_the_samplers_own_and_its_state_is_unchanged():
+    n = 10
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+    captions = [f"caption {i}" for i in range(n)]
+    split = TokenizedSplit(CaptionData(images, captions, "test"), CharTokenizer.from_captions(captions), 12)
+    prefetched, plain = ResumableSampler(n, 3, seed=0), ResumableSampler(n, 3, seed=0)
+    batches = BatchPrefetcher(split, prefetched, micro_batches=2)
+    for step in range(8):  # over several epochs of 3 batches
+        if step == 5:  # the sampler moved by someone else, as a loaded state would
+            for sampler in (prefetched, plain):
+                sampler.load_state_dict({"epoch": 7, "batch_index": 1})
+        got = batches.next_step()
+        wanted = [split.batch(plain.next_indices()) for _ in range(2)]
+        assert [b.images[:, 0, 0, 0].tolist() for b in got] == [b.images[:, 0, 0, 0].tolist() for b in wanted], step
+        assert all(torch.equal(g.input_ids, w.input_ids) for g, w in zip(got, wanted))
+        assert prefetched.state_dict() == plain.state_dict()
