@@ -25,10 +25,11 @@ from seemore_ds.config import load_config
 from seemore_ds.data import image_cache
 from seemore_ds.data.csv_reader import read_caption_csv, write_bad_rows
 from seemore_ds.data.dataset import (BatchPrefetcher, CaptionData, ResumableSampler, TokenizedSplit, load_caption_data,
-                                     load_train_val)
+                                     load_train_val, tokenize_captions)
 from seemore_ds.data.decoding import DecodeSettings, decode_tables
 from seemore_ds.data.tables import table_files
 from seemore_ds.errors import UserError
+from seemore_ds.model import IGNORE_INDEX
 from seemore_ds.tokenizer import CharTokenizer
 from tests.conftest import REPO, TINY
 
@@ -332,3 +333,17 @@ def test_prefetched_batches_are_the_samplers_own_and_its_state_is_unchanged():
         assert [b.images[:, 0, 0, 0].tolist() for b in got] == [b.images[:, 0, 0, 0].tolist() for b in wanted], step
         assert all(torch.equal(g.input_ids, w.input_ids) for g, w in zip(got, wanted))
         assert prefetched.state_dict() == plain.state_dict()
+
+
+def test_vectorised_tokenisation_matches_the_definition_caption_by_caption():
+    captions = ["a red square", "", "x" * 70, "un carré rouge 赤い円 🟥", "chars not in the vocabulary: §¶", "\ud800 lone"]
+    tokenizer = CharTokenizer.from_captions(captions[:3])
+    text_len = 20
+    for dtype in (torch.long, torch.int16):
+        input_ids, targets = tokenize_captions(captions, tokenizer, text_len, dtype)
+        assert input_ids.dtype == targets.dtype == dtype and input_ids.shape == (len(captions), text_len)
+        for row, caption in enumerate(captions):
+            ids = tokenizer.encode(caption)[: text_len - 1]
+            pad = text_len - len(ids) - 1
+            assert input_ids[row].tolist() == [tokenizer.bos_id, *ids] + [tokenizer.pad_id] * pad, caption
+            assert targets[row].tolist() == [*ids, tokenizer.eos_id] + [IGNORE_INDEX] * pad, caption

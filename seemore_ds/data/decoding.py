@@ -177,7 +177,6 @@ class _Decode:
                                  f"{len(self.bad_rows)} bad", refresh=False)
 
     def result(self, workers: int) -> DecodeResult:
-        self.bar.close()
         return DecodeResult(len(self.captions), self.captions, self.bad_rows, time.perf_counter() - self.start, workers,
                             max(self.rss_samples, default=0), self.rss_samples)
 

@@ -138,8 +138,8 @@ class TableReader:
                 if not isinstance(record, dict):
                     yield Row(index, number, "bad", "not a JSON object", "")
                     continue
-                if image_column is None:
-                    image_column = _image_column(file, list(record))
+                if image_column is None:  # a first object without a caption is a bad row, not a bad file
+                    image_column = _image_column(file, [*record, CAPTION_COLUMN])
                 yield _row(index, file, number, image_column, record.get(image_column), record.get(CAPTION_COLUMN))
         if image_column is None:
             raise UserError(f"{file} has no JSON object with an image and a caption")
