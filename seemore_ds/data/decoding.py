@@ -143,16 +143,19 @@ def _decode_chunk_into_file(path: str, offset: int, rows: list[Row], settings: D
     return captions, bad, os.getpid(), rss_anon()
 
 
-def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
+def _chunks(reader: TableReader, size: int) -> Iterator[tuple[list[Row], int]]:
+    """Chunks of ``size`` rows, each with the bytes of the tables read up to its end (for the progress bar:
+    the reader runs a few chunks ahead of the rows decoded)."""
+    rows = reader.rows()
     while chunk := list(itertools.islice(rows, size)):
-        yield chunk
+        yield chunk, reader.bytes_read
 
 
 class _Decode:
     """One decode's bookkeeping: rows taken back in order, bad rows, memory, the progress bar."""
 
     def __init__(self, files: list[Path], reader: TableReader, on_bad_row: str, progress: bool, row_bytes: int):
-        self.files, self.reader, self.on_bad_row, self.row_bytes = files, reader, on_bad_row, row_bytes
+        self.files, self.on_bad_row, self.row_bytes = files, on_bad_row, row_bytes
         self.captions: list[str] = []
         self.bad_rows: list[BadRow] = []
         self.worker_rss: dict[int, int] = {}
@@ -161,7 +164,8 @@ class _Decode:
         self.bar = tqdm(total=reader.total_bytes, disable=not progress, desc="decode", dynamic_ncols=True,
                         mininterval=0.5, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
 
-    def take(self, rows: list[Row], captions: list[str], bad: list[tuple[int, str]], worker_rss: tuple[int, int] | None):
+    def take(self, rows: list[Row], bytes_read: int, captions: list[str], bad: list[tuple[int, str]],
+             worker_rss: tuple[int, int] | None):
         for position, reason in bad:
             row = rows[position]
             if self.on_bad_row == "error":
@@ -172,7 +176,7 @@ class _Decode:
             self.worker_rss[worker_rss[0]] = worker_rss[1]
         self.rss_samples.append(rss_anon() + sum(self.worker_rss.values()))
         done = len(self.captions) + len(self.bad_rows)
-        self.bar.update(self.reader.bytes_read - self.bar.n)
+        self.bar.update(bytes_read - self.bar.n)
         self.bar.set_postfix_str(f"{done} rows, {done / (time.perf_counter() - self.start):.0f} rows/s, "
                                  f"{len(self.bad_rows)} bad", refresh=False)
 
@@ -190,7 +194,7 @@ def decode_tables(files: list[Path], settings: DecodeSettings, out_path: Path, o
     row_bytes = 3 * settings.img_size**2
     chunk_rows = chunk_rows or max(16, min(1024, CHUNK_BYTES // row_bytes))
     reader = TableReader(files)
-    chunks = _chunks(reader.rows(), chunk_rows)
+    chunks = _chunks(reader, chunk_rows)
     first = list(itertools.islice(chunks, 2))
     parallel = workers > 1 and len(first) > 1  # one chunk of data is not worth starting processes for
     decode = _Decode(files, reader, on_bad_row, progress, row_bytes)
@@ -199,10 +203,10 @@ def decode_tables(files: list[Path], settings: DecodeSettings, out_path: Path, o
             if parallel:
                 _decode_in_workers(itertools.chain(first, chunks), settings, out_path, out.fileno(), workers, decode)
             else:
-                for rows in itertools.chain(first, chunks):
+                for rows, bytes_read in itertools.chain(first, chunks):
                     pixels, captions, bad = decode_chunk(rows, settings)
                     _write_at(out.fileno(), pixels, len(decode.captions) * row_bytes)
-                    decode.take(rows, captions, bad, None)
+                    decode.take(rows, bytes_read, captions, bad, None)
             os.ftruncate(out.fileno(), len(decode.captions) * row_bytes)
             os.fsync(out.fileno())  # the pixels are on disk before any name points at them
         finally:
@@ -210,7 +214,7 @@ def decode_tables(files: list[Path], settings: DecodeSettings, out_path: Path, o
     return decode.result(workers if parallel else 1)
 
 
-def _decode_in_workers(chunks: Iterator[list[Row]], settings: DecodeSettings, out_path: Path, fd: int, workers: int,
+def _decode_in_workers(chunks: Iterator[tuple[list[Row], int]], settings: DecodeSettings, out_path: Path, fd: int, workers: int,
                        decode: _Decode) -> None:
     # forkserver, not fork: a forked worker would count the trainer's memory (torch and all) as its own
     # and inherit its threads; these start from a small process that has imported only this module.
@@ -218,22 +222,23 @@ def _decode_in_workers(chunks: Iterator[list[Row]], settings: DecodeSettings, ou
     context.set_forkserver_preload([__name__])
     row_bytes = decode.row_bytes
     pool = ProcessPoolExecutor(workers, mp_context=context)
-    pending: deque = deque()  # (slot, rows, future), in file order
+    pending: deque = deque()  # (slot, rows, bytes read, future), in file order
     slot = 0  # rows handed out so far: the next chunk's place in the file before compaction
 
     def take_oldest() -> None:
-        chunk_slot, rows, future = pending.popleft()
+        chunk_slot, rows, bytes_read, future = pending.popleft()
         captions, bad, pid, worker_rss = future.result()
         dense = len(decode.captions)  # where this chunk's pixels belong
         if dense != chunk_slot and captions:  # earlier bad rows left a gap: close it
             moved = os.pread(fd, len(captions) * row_bytes, chunk_slot * row_bytes)
             os.pwrite(fd, moved, dense * row_bytes)
-        decode.take(rows, captions, bad, (pid, worker_rss))
+        decode.take(rows, bytes_read, captions, bad, (pid, worker_rss))
 
     try:
-        for rows in chunks:
+        for rows, bytes_read in chunks:
             os.ftruncate(fd, (slot + len(rows)) * row_bytes)  # grows the file (sparse) to hold this chunk
-            pending.append((slot, rows, pool.submit(_decode_chunk_into_file, str(out_path), slot * row_bytes, rows, settings)))
+            task = pool.submit(_decode_chunk_into_file, str(out_path), slot * row_bytes, rows, settings)
+            pending.append((slot, rows, bytes_read, task))
             slot += len(rows)
             while len(pending) > IN_FLIGHT_PER_WORKER * workers:
                 take_oldest()
