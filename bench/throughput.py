@@ -69,7 +69,7 @@ class StraightforwardLoop:
         torch.manual_seed(0)
         split = TokenizedSplit(data, tokenizer, SEEMORE_SIZES["max_caption_len"] + 1)
         pngs = [encode_png_base64(_to_pil(img)) for img in data.images]
-        dataset = Base64CaptionDataset(pngs, split.input_ids, split.targets, SEEMORE_SIZES["img_size"])
+        dataset = Base64CaptionDataset(pngs, split.input_ids.long(), split.targets.long(), SEEMORE_SIZES["img_size"])
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
         self.batches = iter(self.loader)
         sizes = {k: v for k, v in SEEMORE_SIZES.items() if k not in ("max_caption_len", "patch_embed", "patch_norm")}

@@ -25,11 +25,15 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    csv: str = ""  # empty: the built-in synthetic dataset
+    # Captions tables: a file, a glob or several of them separated by commas (a YAML list also works);
+    # CSV, JSONL or Parquet, images as base64 or as file paths (docs/data.md). Empty: the built-in dataset.
+    csv: str = ""
+    val_csv: str = ""  # held-out tables, as data.csv; empty: data.val_fraction of data.csv is held out
     on_bad_row: str = "skip"  # skip | error
     val_fraction: float = 0.1
     synth_n: int = 3000  # size of the built-in dataset
     max_image_pixels: int = 64_000_000  # larger images are refused as decompression bombs
+    decode_workers: int = 0  # processes that decode the images; 0: one per core this process may use
     # Decode the images once per node into a uint8 file every rank memory-maps, instead of once per rank.
     cache: bool = True
     # Empty: RUN/cache. In the run folder by default because it then goes wherever the run's files go
@@ -153,6 +157,9 @@ CHOICES = {
 }
 
 
+LIST_KEYS = ("data.csv", "data.val_csv")  # string keys that a YAML list may give, joined with commas
+
+
 def all_keys(cfg: Config | None = None) -> dict[str, type]:
     """Every dotted key of the config with the type it expects."""
     cfg = cfg or Config()
@@ -197,6 +204,8 @@ def _coerce(key: str, value, expected: type):
     if expected is str:
         if value is None:
             return ""
+        if key in LIST_KEYS and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise UserError(f"config key {key} expects a string, got {value!r}")
@@ -298,6 +307,7 @@ def validate(cfg: Config) -> None:
         "train.lr": t.lr, "train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
         "train.grad_clip": t.grad_clip, "eval.every": cfg.eval.every, "eval.max_batches": cfg.eval.max_batches,
         "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "data.decode_workers": cfg.data.decode_workers,
         "train.eps": t.eps, "profile.flops_step": cfg.profile.flops_step, "profile.peak_tflops": cfg.profile.peak_tflops,
     }
     for key, value in non_negative.items():

@@ -6,7 +6,7 @@ import torch
 
 from seemore_ds.config import Config
 from seemore_ds.errors import UserError
-from seemore_ds.data.dataset import Batch, TokenizedSplit, load_caption_data, split_train_val
+from seemore_ds.data.dataset import Batch, TokenizedSplit, load_caption_data, load_held_out
 from seemore_ds.model import IGNORE_INDEX, SeemoreVLM
 from seemore_ds.tokenizer import CharTokenizer
 
@@ -70,10 +70,10 @@ def caption_matches(model: SeemoreVLM, split: TokenizedSplit, tokenizer: CharTok
 
 
 def held_out_data(cfg: Config):
-    """The run's own held-out split, as its training split it off."""
-    _, data = split_train_val(load_caption_data(cfg), cfg.data.val_fraction, cfg.train.seed)
+    """The run's own held-out set: data.val_csv, or the split its training split it off."""
+    data = load_held_out(cfg)
     if not len(data):
-        raise UserError("the run has no held-out split (data.val_fraction=0); pass --data FILE.csv")
+        raise UserError("the run has no held-out split (data.val_fraction=0, no data.val_csv); pass --data FILE.csv")
     return data
 
 
@@ -86,7 +86,7 @@ def evaluate_checkpoint(model: SeemoreVLM, tokenizer: CharTokenizer, cfg: Config
         source = csv_path
     else:
         data = held_out_data(cfg)
-        source = f"held-out split of {data.source}"
+        source = data.source if cfg.data.val_csv else f"held-out split of {data.source}"
     split = TokenizedSplit(data, tokenizer, model.text_len)
     val_loss = split_loss(SingleProcessEvaluator(model), split, batch_size)
     matches, n = caption_matches(model, split, tokenizer, batch_size=batch_size)
