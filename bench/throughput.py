@@ -32,6 +32,8 @@ SEEMORE_SIZES = dict(img_size=96, patch_size=16, image_embed_dim=512, num_blks=3
                      dropout=0.1, max_caption_len=32, patch_embed="patch",
                      patch_norm=False)
 
+DEFAULT_STRUCTURE = dict(patch_embed="conv_stem", patch_norm=True)
+
 
 def seemore_config(batch_size: int, precision: str, image_tokens: str, compile: bool = False, device: str = "cpu",
                    **sizes) -> Config:
@@ -67,7 +69,7 @@ class StraightforwardLoop:
         torch.manual_seed(0)
         split = TokenizedSplit(data, tokenizer, SEEMORE_SIZES["max_caption_len"] + 1)
         pngs = [encode_png_base64(_to_pil(img)) for img in data.images]
-        dataset = Base64CaptionDataset(pngs, split.input_ids, split.targets, SEEMORE_SIZES["img_size"])
+        dataset = Base64CaptionDataset(pngs, split.input_ids.long(), split.targets.long(), SEEMORE_SIZES["img_size"])
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
         self.batches = iter(self.loader)
         sizes = {k: v for k, v in SEEMORE_SIZES.items() if k not in ("max_caption_len", "patch_embed", "patch_norm")}
@@ -132,6 +134,11 @@ def main() -> None:
         "seemore-ds fp32 (cls token)": OurLoop(seemore_config(args.batch_size, "fp32", "cls"), data, tokenizer),
         "seemore-ds bf16 (cls token)": OurLoop(seemore_config(args.batch_size, "bf16", "cls"), data, tokenizer),
         "seemore-ds fp32 (patch tokens)": OurLoop(seemore_config(args.batch_size, "fp32", "patches"), data, tokenizer),
+        # The default model's structure (conv stem, LayerNormed patches) at seemore's widths.
+        "seemore-ds fp32 (default model, patch tokens)": OurLoop(
+            seemore_config(args.batch_size, "fp32", "patches", **DEFAULT_STRUCTURE), data, tokenizer),
+        "seemore-ds fp32 (default model, pooled tokens)": OurLoop(
+            seemore_config(args.batch_size, "fp32", "pooled", **DEFAULT_STRUCTURE), data, tokenizer),
     }
     elapsed = time_in_turns(loops, args.steps, args.rounds)
     samples = args.steps * args.rounds * args.batch_size

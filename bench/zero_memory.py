@@ -96,39 +96,43 @@ def measure(engine) -> dict:
     return dict(count.bytes)
 
 
-def worker(stages: list[int]) -> None:
+def train_and_measure(stage: int, sizes: dict = SIZES, batch_size: int = 2) -> tuple[int, list[dict]]:
+    """(parameters, every rank's measured bytes) after one fp32 step and the backward of a second with
+    ds_configs/zero{stage}.json; a collective: every rank calls it."""
     from seemore_ds.backends.deepspeed_backend import DeepSpeedBackend
     from seemore_ds.config import Config, validate
     from seemore_ds.data.dataset import Batch
     from seemore_ds.model import SeemoreVLM
 
-    results = []
-    for stage in stages:
-        cfg = Config()
-        for key, value in SIZES.items():
-            setattr(cfg.model, key, value)
-        cfg.train.batch_size, cfg.train.backend = 2, "deepspeed"
-        cfg.train.deepspeed_config = str(REPO / "ds_configs" / f"zero{stage}.json")
-        validate(cfg)
-        torch.manual_seed(0)
-        model = SeemoreVLM(cfg.model, vocab_size=40)
-        psi = model.num_params()
-        backend = DeepSpeedBackend(model, cfg)
-        text_len = model.text_len
-        batch = Batch(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 40, (2, text_len)),
-                      torch.randint(0, 40, (2, text_len)))
-        backend.train_step([batch], timed=False)  # creates the optimizer state
-        engine = backend.engine
-        engine.train()
-        _, loss = engine(batch.images, batch.input_ids, batch.targets)
-        engine.backward(loss)
-        measured = measure(engine)
-        engine.step()
-        gathered = [None] * backend.world_size
-        torch.distributed.all_gather_object(gathered, measured)
-        results.append((stage, psi, gathered))
-        del backend, engine, model
-        gc.collect()
+    cfg = Config()
+    for key, value in sizes.items():
+        setattr(cfg.model, key, value)
+    cfg.train.batch_size, cfg.train.backend = batch_size, "deepspeed"
+    cfg.train.deepspeed_config = str(REPO / "ds_configs" / f"zero{stage}.json")
+    validate(cfg)
+    torch.manual_seed(0)
+    model = SeemoreVLM(cfg.model, vocab_size=40)
+    psi = model.num_params()
+    backend = DeepSpeedBackend(model, cfg)
+    text_len, side = model.text_len, cfg.model.img_size
+    batch = Batch(torch.randint(0, 256, (batch_size, 3, side, side), dtype=torch.uint8),
+                  torch.randint(0, 40, (batch_size, text_len)), torch.randint(0, 40, (batch_size, text_len)))
+    backend.train_step([batch], timed=False)  # creates the optimizer state
+    engine = backend.engine
+    engine.train()
+    _, loss = engine(batch.images, batch.input_ids, batch.targets)
+    engine.backward(loss)
+    measured = measure(engine)
+    engine.step()
+    gathered = [None] * backend.world_size
+    torch.distributed.all_gather_object(gathered, measured)
+    del backend, engine, model
+    gc.collect()
+    return psi, gathered
+
+
+def worker(stages: list[int]) -> None:
+    results = [(stage, *train_and_measure(stage)) for stage in stages]
     if torch.distributed.get_rank() == 0:
         report(results, torch.distributed.get_world_size())
 

@@ -31,6 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DeepSpeed JSON config (same as train.deepspeed_config=FILE)")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
+    plan = commands.add_parser("plan", help="ZeRO stage, offload, micro-batch and accumulation that fit your hardware; writes the DeepSpeed JSON")
+    plan.add_argument("--config", help="YAML run config (model sizes, caption length, precision, batch)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.precision=bf16")
+    plan.add_argument("--nodes", type=_positive_int, default=1)
+    plan.add_argument("--gpus-per-node", type=_positive_int, default=1)
+    plan.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory of one GPU (default 80)")
+    plan.add_argument("--cpu-mem", type=float, default=None, metavar="GIB", help="host memory per node (default: this machine's)")
+    plan.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="cpu: plan CPU ranks on this machine")
+    plan.add_argument("--ranks", type=_positive_int, default=None, help="CPU ranks (with --device cpu)")
+    plan.add_argument("--global-batch", type=_positive_int, default=None,
+                      help="samples per optimizer step over all ranks (default: train.batch_size x train.grad_accum x ranks)")
+    plan.add_argument("--out", help="write the chosen DeepSpeed JSON here")
+
     generate = commands.add_parser("generate", help="caption images with a trained model")
     generate.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or export folder")
     generate.add_argument("--image", required=True, nargs="+", help="image file(s) in any format PIL reads")
@@ -58,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     convert.add_argument("--out", required=True, help="new folder for the converted checkpoint")
 
-    plot = commands.add_parser("plot", help="write the PNG plots of a run folder, or overlay several runs")
+    plot = commands.add_parser("plot", help="write the PNG plots of a run folder (with captions.png of its latest "
+                                           "checkpoint), or overlay several runs")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", help="folder for the PNGs (default: the run folder; needed for several runs)")
 
@@ -86,6 +100,17 @@ def cmd_train(args) -> None:
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
     train(load_config(args.config, overrides))
+
+
+def cmd_plan(args) -> None:
+    import psutil
+
+    from seemore_ds.config import load_config
+    from seemore_ds.plan import run_plan, target_from_args
+
+    cpu_mem = args.cpu_mem if args.cpu_mem is not None else psutil.virtual_memory().total / 2**30
+    target = target_from_args(args.nodes, args.gpus_per_node, args.gpu_mem, cpu_mem, args.device, args.ranks)
+    print(run_plan(load_config(args.config, args.overrides), target, args.global_batch, args.out))
 
 
 def cmd_generate(args) -> None:
@@ -145,8 +170,32 @@ def cmd_plot(args) -> None:
 
     if len(args.run_dirs) > 1 and not args.out:
         raise UserError(f"plotting {len(args.run_dirs)} runs together needs a folder for the PNGs: add --out DIR")
-    for path in plot_runs(args.run_dirs, args.out or args.run_dirs[0]):
+    out_dir = Path(args.out or args.run_dirs[0])
+    for path in plot_runs(args.run_dirs, out_dir):
         print(path)
+    if len(args.run_dirs) == 1:
+        try:
+            print(plot_checkpoint_captions(args.run_dirs[0], out_dir))
+        except UserError as err:  # the curves are still worth having without a checkpoint to caption with
+            print(f"note: no captions.png: {err}")
+
+
+def plot_checkpoint_captions(run_dir: str, out_dir: Path) -> Path:
+    """captions.png of the run's latest checkpoint on the first images of its held-out split."""
+    import torch
+
+    from seemore_ds.checkpoint import load_model_for_inference
+    from seemore_ds.evaluation import generate_captions, held_out_data
+    from seemore_ds.metrics.caption_grid import CAPTIONS_FILE, write_caption_grid
+    from seemore_ds.metrics.monitor import CAPTION_SAMPLES
+
+    model, tokenizer, cfg = load_model_for_inference(run_dir)
+    data = held_out_data(cfg)
+    n = min(CAPTION_SAMPLES, len(data))
+    images = data.images_at(torch.arange(n))
+    captions = generate_captions(model, images, tokenizer)
+    return write_caption_grid(images.numpy(), captions, data.captions[:n], out_dir / CAPTIONS_FILE,
+                              f"{Path(run_dir).resolve().name}, latest checkpoint")
 
 
 def cmd_data(args) -> None:
@@ -170,7 +219,7 @@ def cmd_hostfile(args) -> None:
     print(describe_hosts(args.file, read_hostfile(args.file)))
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot, "data": cmd_data,
+COMMANDS = {"train": cmd_train, "plan": cmd_plan, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot, "data": cmd_data,
             "export": cmd_export, "hostfile": cmd_hostfile, "checkpoint": cmd_checkpoint}
 
 
@@ -180,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     # argparse alone stops collecting positionals; pick them up from the leftovers.
     args, leftovers = parser.parse_known_args(argv)
     overrides = [arg for arg in leftovers if "=" in arg and not arg.startswith("-")]
-    if leftovers and (args.command != "train" or len(overrides) != len(leftovers)):
+    if leftovers and (args.command not in ("train", "plan") or len(overrides) != len(leftovers)):
         parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
     if overrides:
         args.overrides = [*args.overrides, *overrides]
@@ -199,5 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console_script() -> None:
+    """The ``seemore-ds`` command that ``pip install .`` puts on the PATH."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_script()

@@ -28,11 +28,15 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    csv: str = ""  # empty: the built-in synthetic dataset
+    # Captions tables: a file, a glob or several of them separated by commas (a YAML list also works);
+    # CSV, JSONL or Parquet, images as base64 or as file paths (docs/data.md). Empty: the built-in dataset.
+    csv: str = ""
+    val_csv: str = ""  # held-out tables, as data.csv; empty: data.val_fraction of data.csv is held out
     on_bad_row: str = "skip"  # skip | error
     val_fraction: float = 0.1
     synth_n: int = 3000  # size of the built-in dataset
     max_image_pixels: int = 64_000_000  # larger images are refused as decompression bombs
+    decode_workers: int = 0  # processes that decode the images; 0: one per core this process may use
     # Decode the images once per node into a uint8 file every rank memory-maps, instead of once per rank.
     cache: bool = True
     # Empty: RUN/cache. In the run folder by default because it then goes wherever the run's files go
@@ -53,8 +57,10 @@ class ModelConfig:
     dropout: float = 0.0
     max_caption_len: int = 48  # characters; longer captions are reported as bad rows
     # "patches": the decoder sees the CLS token and every patch token (LLaVA style);
+    # "pooled": the CLS token and the patch grid average-pooled token_pool x token_pool (fewer decoder positions);
     # "cls": only the CLS token, as in the original seemore.
     image_tokens: str = "patches"
+    token_pool: int = 2  # with image_tokens=pooled: patches pooled into one decoder token per side
     # "conv_stem": 3x3 stride-2 convolutions down to the patch grid; "patch": one patch_size convolution, as in seemore.
     patch_embed: str = "conv_stem"
     # LayerNorm on each patch embedding before the positions are added, so that the image, not the
@@ -120,6 +126,7 @@ class WandbConfig:
     entity: str = ""  # empty: your default W&B entity
     name: str = ""  # empty: the run folder's name
     tags: str = ""  # comma-separated
+    group: str = ""  # empty: no W&B group
     mode: str = "online"  # online | offline (online without an API key falls back to offline)
 
 
@@ -134,6 +141,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Dotted keys the user wrote in the YAML file or on the command line (load_config fills it): a
+    # concrete DeepSpeed JSON value may replace a key left at its default, never one of these.
+    explicit_keys: typing.ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,13 +151,16 @@ class Config:
 
 CHOICES = {
     "data.on_bad_row": ("skip", "error"),
-    "model.image_tokens": ("patches", "cls"),
+    "model.image_tokens": ("patches", "pooled", "cls"),
     "model.patch_embed": ("conv_stem", "patch"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.backend": ("torch", "deepspeed", "auto"),
     "train.device": ("auto", "cpu", "cuda"),
     "wandb.mode": ("online", "offline"),
 }
+
+
+LIST_KEYS = ("data.csv", "data.val_csv")  # string keys that a YAML list may give, joined with commas
 
 
 def all_keys(cfg: Config | None = None) -> dict[str, type]:
@@ -194,6 +207,8 @@ def _coerce(key: str, value, expected: type):
     if expected is str:
         if value is None:
             return ""
+        if key in LIST_KEYS and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise UserError(f"config key {key} expects a string, got {value!r}")
@@ -231,8 +246,9 @@ def parse_override(text: str) -> tuple[str, str]:
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated. Records the keys they set."""
     cfg = Config()
+    explicit = set()
     if path:
         file = Path(path)
         if not file.is_file():
@@ -258,8 +274,12 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
                 set_key(cfg, key, value)
             except UserError as err:
                 raise UserError(f"config file {path}: {err}") from None
+            explicit.add(key)
     for text in overrides:
-        set_key(cfg, *parse_override(text))
+        key, value = parse_override(text)
+        set_key(cfg, key, value)
+        explicit.add(key)
+    cfg.explicit_keys = frozenset(explicit)
     validate(cfg)
     return cfg
 
@@ -279,7 +299,7 @@ def validate(cfg: Config) -> None:
     positive = {
         "model.img_size": m.img_size, "model.patch_size": m.patch_size, "model.image_embed_dim": m.image_embed_dim,
         "model.num_blks": m.num_blks, "model.n_embd": m.n_embd, "model.n_layer": m.n_layer, "model.n_head": m.n_head,
-        "model.max_caption_len": m.max_caption_len, "train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
+        "model.max_caption_len": m.max_caption_len, "model.token_pool": m.token_pool, "train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
         "train.grad_accum": t.grad_accum, "data.synth_n": cfg.data.synth_n, "data.max_image_pixels": cfg.data.max_image_pixels,
         "log.every": cfg.log.every, "train.max_nonfinite_steps": t.max_nonfinite_steps,
     }
@@ -290,6 +310,7 @@ def validate(cfg: Config) -> None:
         "train.lr": t.lr, "train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
         "train.grad_clip": t.grad_clip, "eval.every": cfg.eval.every, "eval.max_batches": cfg.eval.max_batches,
         "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "data.decode_workers": cfg.data.decode_workers,
         "train.eps": t.eps, "profile.flops_step": cfg.profile.flops_step, "profile.peak_tflops": cfg.profile.peak_tflops,
     }
     for key, value in non_negative.items():
@@ -297,6 +318,10 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key {key} must be zero or more, got {value}")
     if m.img_size % m.patch_size:
         raise UserError(f"model.img_size ({m.img_size}) must be a multiple of model.patch_size ({m.patch_size})")
+    grid = m.img_size // m.patch_size
+    if m.image_tokens == "pooled" and grid % m.token_pool:
+        raise UserError(f"model.token_pool ({m.token_pool}) must divide the patch grid's side "
+                        f"(model.img_size / model.patch_size = {grid}) with model.image_tokens=pooled")
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.image_embed_dim % m.n_head:

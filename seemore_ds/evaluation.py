@@ -6,7 +6,7 @@ import torch
 
 from seemore_ds.config import Config
 from seemore_ds.errors import UserError
-from seemore_ds.data.dataset import Batch, TokenizedSplit, load_caption_data, split_train_val
+from seemore_ds.data.dataset import Batch, TokenizedSplit, load_caption_data, load_held_out
 from seemore_ds.model import IGNORE_INDEX, SeemoreVLM
 from seemore_ds.tokenizer import CharTokenizer
 
@@ -69,6 +69,14 @@ def caption_matches(model: SeemoreVLM, split: TokenizedSplit, tokenizer: CharTok
     return sum(p == r for p, r in zip(predicted, references)), len(references)
 
 
+def held_out_data(cfg: Config):
+    """The run's own held-out set: data.val_csv, or the split its training split it off."""
+    data = load_held_out(cfg)
+    if not len(data):
+        raise UserError("the run has no held-out split (data.val_fraction=0, no data.val_csv); pass --data FILE.csv")
+    return data
+
+
 def evaluate_checkpoint(model: SeemoreVLM, tokenizer: CharTokenizer, cfg: Config, csv_path: str | None,
                         batch_size: int) -> dict:
     """val_loss, caption_exact_match and n on a CSV (bad rows skipped and counted) or the run's held-out split."""
@@ -77,10 +85,8 @@ def evaluate_checkpoint(model: SeemoreVLM, tokenizer: CharTokenizer, cfg: Config
         data = load_caption_data(cfg, csv_path)
         source = csv_path
     else:
-        _, data = split_train_val(load_caption_data(cfg), cfg.data.val_fraction, cfg.train.seed)
-        source = f"held-out split of {data.source}"
-        if not len(data):
-            raise UserError("the run has no held-out split (data.val_fraction=0); pass --data FILE.csv")
+        data = held_out_data(cfg)
+        source = data.source if cfg.data.val_csv else f"held-out split of {data.source}"
     split = TokenizedSplit(data, tokenizer, model.text_len)
     val_loss = split_loss(SingleProcessEvaluator(model), split, batch_size)
     matches, n = caption_matches(model, split, tokenizer, batch_size=batch_size)

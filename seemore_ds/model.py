@@ -6,6 +6,7 @@ here, so the data path can stay uint8 end to end.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -69,9 +70,15 @@ class Block(nn.Module):
         self.attn = Attention(dim, n_head, dropout, causal)
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, dropout)
+        self.checkpoint = None  # checkpoint(function, *args): activation checkpointing in training (see checkpoint_blocks)
 
     def forward(self, x, kv_cache: dict | None = None, keep: int | None = None):
         """``keep``: return only the first ``keep`` positions, computing attention outputs and MLP for those alone."""
+        if self.checkpoint is not None and self.training and torch.is_grad_enabled() and kv_cache is None:
+            return self.checkpoint(functools.partial(self._forward, keep=keep), x)
+        return self._forward(x, kv_cache, keep)
+
+    def _forward(self, x, kv_cache: dict | None = None, keep: int | None = None):
         x = x[:, :keep] + self.attn(self.ln1(x), kv_cache, n_queries=keep)
         return x + self.mlp(self.ln2(x))
 
@@ -197,7 +204,8 @@ class SeemoreVLM(nn.Module):
         self.cfg, self.vocab_size = cfg, vocab_size
         self.vit = ViT(cfg)
         self.projector = Projector(cfg)
-        self.num_image_tokens = 1 if cfg.image_tokens == "cls" else self.vit.num_patches + 1
+        self.num_image_tokens = {"patches": self.vit.num_patches + 1, "cls": 1,
+                                 "pooled": self.vit.num_patches // cfg.token_pool**2 + 1}[cfg.image_tokens]
         self.text_len = cfg.max_caption_len + 1  # <bos> + caption, or caption + <eos>
         self.decoder = Decoder(cfg, vocab_size, self.num_image_tokens + self.text_len)
         self.apply(self._init_weights)
@@ -221,13 +229,25 @@ class SeemoreVLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def checkpoint_blocks(self, checkpoint) -> int:
+        """Run every ViT and decoder block in training through ``checkpoint(function, *args)`` (e.g.
+        ``torch.utils.checkpoint`` or DeepSpeed's): each block keeps only its input for the backward.
+        Returns the number of blocks."""
+        blocks = [module for module in self.modules() if isinstance(module, Block)]
+        for block in blocks:
+            block.checkpoint = checkpoint
+        return len(blocks)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> image tokens in the decoder's space (B, num_image_tokens, n_embd)."""
         x = images.to(self.vit.cls_token.dtype) / 127.5 - 1.0
-        return self.projector(self.vit(x, keep=1 if self.cfg.image_tokens == "cls" else None))
+        tokens = self.vit(x, keep=1 if self.cfg.image_tokens == "cls" else None)
+        if self.cfg.image_tokens == "pooled":
+            tokens = pool_patch_tokens(tokens, self.cfg.token_pool)
+        return self.projector(tokens)
 
     def forward(self, images, input_ids, targets=None):
         """Returns (logits over the text positions, mean loss over non-ignored targets or None)."""
@@ -275,6 +295,7 @@ class SeemoreVLM(nn.Module):
         """Training FLOPs for one sample (forward + backward = 3 x forward): convolutions, matmuls, attention."""
         c = self.cfg
         vit_tokens = self.vit.num_patches + 1
+        vit_read = 1 if c.image_tokens == "cls" else vit_tokens  # what the last ViT block computes
         dec_tokens = self.num_image_tokens + self.text_len
 
         def block(dim, tokens, out):  # k, v for all tokens; q, proj, mlp (2 x 4 dim^2) for ``out``; QK^T, AV
@@ -283,12 +304,22 @@ class SeemoreVLM(nn.Module):
         forward = (
             conv_flops(self.vit.patch_embed, c.img_size)
             + (c.num_blks - 1) * block(c.image_embed_dim, vit_tokens, vit_tokens)
-            + block(c.image_embed_dim, vit_tokens, self.num_image_tokens)  # the last block computes what is read
+            + block(c.image_embed_dim, vit_tokens, vit_read)
             + 2 * self.num_image_tokens * (4 * c.image_embed_dim**2 + 4 * c.image_embed_dim * c.n_embd)
             + c.n_layer * block(c.n_embd, dec_tokens, dec_tokens)
             + 2 * self.text_len * c.n_embd * self.vocab_size
         )
         return 3 * forward
+
+
+def pool_patch_tokens(tokens: torch.Tensor, pool: int) -> torch.Tensor:
+    """(B, 1 + g*g, D) CLS + patch tokens -> (B, 1 + (g/pool)^2, D): each pool x pool square of patches
+    averaged into one token, in the same row-major order; the CLS token kept as it is."""
+    B, n, D = tokens.shape
+    grid = math.isqrt(n - 1)
+    patches = tokens[:, 1:].transpose(1, 2).reshape(B, D, grid, grid)
+    pooled = F.avg_pool2d(patches, pool).flatten(2).transpose(1, 2)
+    return torch.cat([tokens[:, :1], pooled], dim=1)
 
 
 def conv_flops(module: nn.Module, img_size: int) -> int:

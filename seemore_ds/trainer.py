@@ -15,7 +15,8 @@ from seemore_ds import checkpoint as ckpt
 from seemore_ds.backends import build_backend
 from seemore_ds.config import Config, save_config
 from seemore_ds.data.csv_reader import summarize_bad_rows, write_bad_rows
-from seemore_ds.data.dataset import ResumableSampler, TokenizedSplit, load_caption_data, split_train_val
+from seemore_ds.data.dataset import BatchPrefetcher, ResumableSampler, TokenizedSplit, load_train_val
+from seemore_ds.data.tables import absolute_spec
 from seemore_ds.errors import UserError
 from seemore_ds.evaluation import caption_matches, split_loss
 from seemore_ds.metrics.csv_log import LOSS_COLUMNS, TIMING_COLUMNS, CSVLog
@@ -53,8 +54,8 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
-        if cfg.data.csv:  # saved configs must find the data from any working directory
-            cfg.data.csv = str(Path(cfg.data.csv).resolve())
+        # saved configs must find the data from any working directory
+        cfg.data.csv, cfg.data.val_csv = absolute_spec(cfg.data.csv), absolute_spec(cfg.data.val_csv)
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
 
@@ -63,8 +64,7 @@ class Trainer:
         self.checkpoints.claim_run_folder()
         self.state = self.checkpoints.state  # step, samples seen, best val loss, ...: restored by the manager
         cache_dir = Path(cfg.data.cache_dir or self.run_dir / "cache") if cfg.data.cache else None
-        data = load_caption_data(cfg, cache_dir=cache_dir)
-        train_data, val_data = split_train_val(data, cfg.data.val_fraction, cfg.train.seed)
+        data, train_data, val_data = load_train_val(cfg, cache_dir=cache_dir)
         self.resume_from = self.checkpoints.find_resume()
         if self.resume_from:
             saved = ckpt.load_checkpoint_config(self.resume_from)
@@ -78,7 +78,9 @@ class Trainer:
             model_shapes = SeemoreVLM(cfg.model, self.tokenizer.vocab_size)
         self.backend = build_backend(model, cfg)
         # Processes that decoded rather than mapped the image cache, said on the console; every rank counts.
-        decoders = self.backend.all_reduce_sum(torch.tensor([float(data.decoded)], device=self.backend.device))
+        # and the rate they decoded at, for the data line.
+        rate = data.decode.rows_per_s if data.decode else 0.0
+        decoders = self.backend.all_reduce_sum(torch.tensor([float(data.decoded), rate], device=self.backend.device))
         self.is_main = self.backend.rank == 0
         text_len = model.text_len
         self.train_split = TokenizedSplit(train_data, self.tokenizer, text_len)
@@ -93,7 +95,7 @@ class Trainer:
         self.guard = StepGuard(self.backend, cfg.train, self.say, self.step, self.state.skipped_steps)
         self.monitor = None  # rank 0's
         if self.is_main:
-            self._prepare_run_folder(data, model, int(decoders.item()))
+            self._prepare_run_folder(data, val_data, model, int(decoders[0].item()), decoders[1].item())
             self.monitor = RunMonitor(cfg, model, self.n_params, self.backend.device, self.backend.world_size,
                                       self.step if self.resume_from else None, self.state.wandb_run_id, self.say)
 
@@ -109,7 +111,7 @@ class Trainer:
         if self.is_main:
             tqdm.write(message)
 
-    def _prepare_run_folder(self, data, model: SeemoreVLM, decoders: int) -> None:
+    def _prepare_run_folder(self, data, val_data, model: SeemoreVLM, decoders: int, rate_sum: float) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / ckpt.CONFIG_FILE)
         self.tokenizer.save(self.run_dir / ckpt.TOKENIZER_FILE)
@@ -117,13 +119,17 @@ class Trainer:
         self.loss_log = CSVLog(self.run_dir / "losses_log.csv", LOSS_COLUMNS, resume_step)
         self.timing_log = CSVLog(self.run_dir / "timing_logs.csv", TIMING_COLUMNS, resume_step)
         n_train, n_val = len(self.train_split), len(self.val_split) if self.val_split else 0
-        self.say(f"data: {data.source}: {len(data)} rows used, {n_train} train / {n_val} val, vocab {self.tokenizer.vocab_size}")
+        val_source = f" ({val_data.source})" if self.cfg.data.val_csv else ""
+        decode = f"; decoded at {rate_sum / decoders:.0f} rows/s" if decoders else ""
+        self.say(f"data: {data.source}: {len(data)} rows used, {n_train} train / {n_val} val{val_source}, "
+                 f"vocab {self.tokenizer.vocab_size}{decode}")
         if data.cache_file:
             how = f"decoded by {decoders} of {self.backend.world_size} process(es)" if decoders else "decoded earlier"
             self.say(f"data: image cache {data.cache_file} ({data.images.nbytes / MIB:.1f} MiB), {how}; every rank maps it")
-        if data.bad_rows:
-            write_bad_rows(data.bad_rows, self.run_dir / BAD_ROWS_FILE)
-            self.say(f"data: {summarize_bad_rows(data.bad_rows)}; row numbers and reasons in {self.run_dir / BAD_ROWS_FILE}")
+        bad_rows = data.bad_rows + val_data.bad_rows  # a split has none of its own; data.val_csv's tables may
+        if bad_rows:
+            write_bad_rows(bad_rows, self.run_dir / BAD_ROWS_FILE)
+            self.say(f"data: {summarize_bad_rows(bad_rows)}; row numbers and reasons in {self.run_dir / BAD_ROWS_FILE}")
         self.say(
             f"model: {self.n_params / 1e6:.2f}M parameters, {model.flops_per_sample() / 1e9:.2f} GFLOP per training sample; "
             f"backend {type(self.backend).__name__} on {self.backend.device} x {self.backend.world_size}, {self.cfg.train.precision}"
@@ -173,11 +179,12 @@ class Trainer:
         skipped_since_row = 0
         start_s = time.perf_counter()
         compiling = cfg.train.compile  # the first step of this process compiles the model
+        batches = BatchPrefetcher(self.train_split, self.sampler, cfg.train.grad_accum)
         while self.step < cfg.train.max_steps:
             if self.monitor:
                 self.monitor.before_step(self.step + 1)
             t0 = time.perf_counter()
-            micro_batches = [self.train_split.batch(self.sampler.next_indices()) for _ in range(cfg.train.grad_accum)]
+            micro_batches = batches.next_step()
             data_s = time.perf_counter() - t0
             log_now = self._due(cfg.log.every, self.step + 1)
             eval_now, checkpoint_now = self._due(cfg.eval.every, self.step + 1), self.checkpoints.should_save(self.step + 1)
@@ -241,6 +248,7 @@ class Trainer:
     def _finish(self, train_loss, val_loss, exact, last_checkpoint, wall_s: float) -> TrainResult:
         if exact is None and self.val_split is not None:  # resumed at max_steps: nothing evaluated yet
             exact = self.exact_match()
+        self.backend.finish(self.run_dir)
         if self.is_main:
             if (self.run_dir / "losses_log.csv").is_file() and self.step > 0:
                 plot_run(self.run_dir)

@@ -189,7 +189,8 @@ def test_eval_of_a_folder_without_checkpoints_is_one_line(cli, tmp_path):
 def test_plot_writes_pngs(cli, tiny_run, tmp_path):
     result = cli.ok(cli("plot", tiny_run.run_dir, "--out", tmp_path / "plots", cwd=tmp_path))
     written = [tmp_path / "plots" / name for name in
-               ("loss_curve.png", "lr_curve.png", "throughput_curve.png", "timing_curve.png", "memory_curve.png")]
+               ("loss_curve.png", "lr_curve.png", "throughput_curve.png", "timing_curve.png", "memory_curve.png",
+                "captions.png")]
     assert result.stdout.splitlines() == [str(p) for p in written]
     for path in written:
         assert_png(path)

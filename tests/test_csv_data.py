@@ -271,7 +271,7 @@ def test_a_file_with_only_a_header_is_a_user_error(tmp_path):
 
 
 @pytest.mark.parametrize("header, missing", [
-    (["image", "caption"], "'b64string_images'"),
+    (["picture", "caption"], "'b64string_images'"),
     (["b64string_images", "text"], "'caption'"),
     (["a", "b"], "'b64string_images' and no 'caption'"),
 ])
@@ -438,6 +438,6 @@ def test_on_bad_row_error_stops_the_cli_with_one_line(cli, tiny, tmp_path):
 
 
 def test_a_csv_without_the_columns_stops_the_cli_with_one_line(cli, tiny, tmp_path):
-    write_csv(tmp_path / "captions.csv", ["image", "text"], [["x", "y"]])
+    write_csv(tmp_path / "captions.csv", ["picture", "text"], [["x", "y"]])
     result = cli("train", *tiny, "data.csv=captions.csv", "run.output_dir=runs/csv", cwd=tmp_path)
     cli.user_error(result, "captions.csv has no 'b64string_images' and no 'caption' column")

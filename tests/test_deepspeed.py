@@ -86,14 +86,16 @@ SCENARIOS = {
 }
 
 
-def launch(plan: list[list[str]], tmp: Path, name: str, timeout_s: int = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run the plan's commands under ``deepspeed --num_gpus 2`` (CPU ranks); never hangs past the timeout."""
+def launch(plan: list[list[str]], tmp: Path, name: str, timeout_s: int = LAUNCH_TIMEOUT_S, ranks: int = 2,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the plan's commands under ``deepspeed --num_gpus RANKS`` (CPU ranks), with ``env`` added to the
+    environment; never hangs past the timeout."""
     plan_file = tmp / f"{name}.json"
     plan_file.write_text(json.dumps(plan))
     # One thread per rank: two ranks share two cores.
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     port = free_port()
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "--module", "tests.ds_helpers", str(plan_file)]
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), "--module", "tests.ds_helpers", str(plan_file)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
     # DeepSpeed's shm_comm names a 66 MB buffer per rank in /dev/shm after the port and never removes it;
     # the backend unlinks them once mapped, so none outlives its launch, even one whose ranks were killed.
@@ -245,7 +247,7 @@ def test_contradicting_json_is_refused_naming_both(tmp_path, capsys):
 
 def test_impossible_batch_triple_is_refused_with_the_fix(tmp_path, capsys):
     ds = write_json(tmp_path, {**HF_ZERO2, "train_batch_size": 32})
-    code, (line,) = run_cli_in_process(tmp_path, capsys, ds)
+    code, (line,) = run_cli_in_process(tmp_path, capsys, ds, "train.grad_accum=1")
     assert code == 2 and "train_batch_size=32 cannot hold" in line and "train.grad_accum=8" in line
 
 
@@ -258,20 +260,20 @@ def test_bad_json_names_file_and_line(tmp_path, capsys):
 def test_hf_configs_resolve_every_auto_from_the_yaml():
     cfg = load_config(None, ["model.n_embd=64", "train.batch_size=8", "train.grad_accum=2", "train.precision=bf16",
                              "train.lr=3e-4", "train.max_steps=100", "train.warmup_steps=10"])
-    z3 = resolve_ds_config(HF_ZERO3, cfg, world_size=4)
+    z3, _ = resolve_ds_config(HF_ZERO3, cfg, world_size=4)
     assert (z3["train_micro_batch_size_per_gpu"], z3["gradient_accumulation_steps"], z3["train_batch_size"]) == (8, 2, 64)
     assert z3["bf16"]["enabled"] is True and z3["fp16"]["enabled"] is False
     zero = z3["zero_optimization"]
     assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) \
         == (4096, 3686, 640)
-    offload = resolve_ds_config(HF_ZERO3_OFFLOAD, cfg, world_size=1)
+    offload, _ = resolve_ds_config(HF_ZERO3_OFFLOAD, cfg, world_size=1)
     assert offload["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.05}
     assert offload["gradient_clipping"] == 1.0
-    decay = resolve_ds_config(HF_WARMUP_DECAY, cfg, world_size=1)["scheduler"]["params"]
+    decay = resolve_ds_config(HF_WARMUP_DECAY, cfg, world_size=1)[0]["scheduler"]["params"]
     assert decay == {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-4, "warmup_num_steps": 10, "total_num_steps": 100}
     for name in ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"):
         with open(REPO / "ds_configs" / f"{name}.json") as handle:
-            resolved = resolve_ds_config(json.load(handle), cfg, world_size=2)
+            resolved, _ = resolve_ds_config(json.load(handle), cfg, world_size=2)
         assert resolved["zero_optimization"]["stage"] == int(name[4])
         assert "auto" not in json.dumps(resolved)
 
@@ -284,7 +286,8 @@ def test_hf_configs_resolve_every_auto_from_the_yaml():
     ({"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}}, "zero_optimization.allgather_bucket_size is \"auto\""),
 ])
 def test_contradictions_and_unknown_autos_are_refused(tree, message):
-    cfg = load_config(None, ["train.batch_size=8"])
+    # Set by the user: a concrete JSON value must agree with each (keys left at their defaults adopt it).
+    cfg = load_config(None, ["train.batch_size=8", "train.grad_clip=1.0", "train.lr=0.001", "train.precision=fp32"])
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
         resolve_ds_config(tree, cfg, world_size=2, source="x.json")
 

@@ -115,18 +115,22 @@ def test_multinode_refuses_to_start_without_a_valid_hostfile(tmp_path):
                                      "the launcher refuses duplicate hosts: keep one line per node")
 
 
-def test_slurm_job_starts_one_launcher_per_node_without_ssh(tmp_path):
-    """scontrol and srun stand in for SLURM; each "node" runs multinode.sh, which prints its command."""
+def fake_slurm(tmp_path: Path) -> dict:
+    """scontrol and srun stand in for SLURM; srun runs its task once per "node", where multinode.sh
+    prints its command (DRY_RUN=1 for that task alone)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
-    # srun --ntasks-per-node=1 ...: run the task once per node, as SLURM would on each of them.
-    (bin_dir / "srun").write_text('#!/bin/sh\nshift 2\nfor node in 0 1; do SLURM_NODEID=$node "$@" || exit 1; done\n')
+    # srun --ntasks-per-node=1 --kill-on-bad-exit=1 ...: run the task on each node, as SLURM would.
+    (bin_dir / "srun").write_text('#!/bin/sh\nshift 2\nfor node in 0 1; do DRY_RUN=1 SLURM_NODEID=$node "$@" || exit 1; done\n')
     for tool in ("scontrol", "srun"):
         (bin_dir / tool).chmod(0o755)
-    env = {"PATH": f"{bin_dir}{os.pathsep}{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
-           "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_GPUS_ON_NODE": "4", "DRY_RUN": "1"}
-    result = ok(run_script("slurm.sbatch", "train.max_steps=9", cwd=tmp_path, env=env))
+    return {"PATH": f"{bin_dir}{os.pathsep}{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
+            "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_GPUS_ON_NODE": "4"}
+
+
+def test_slurm_job_starts_one_launcher_per_node_without_ssh(tmp_path):
+    result = ok(run_script("slurm.sbatch", "train.max_steps=9", cwd=tmp_path, env=fake_slurm(tmp_path)))
     hostfile = tmp_path / "runs" / "slurm-77" / "hostfile"
     assert hostfile.read_text() == "gpu-a slots=4\ngpu-b slots=4\n"
     lines = [shlex.split(line) for line in result.stdout.splitlines()]
@@ -136,3 +140,21 @@ def test_slurm_job_starts_one_launcher_per_node_without_ssh(tmp_path):
         assert args[args.index("--master_addr") + 1] == "gpu-a"
         assert args[args.index("--hostfile") + 1] == "runs/slurm-77/hostfile"
         assert args[-2:] == ["run.output_dir=runs/slurm-77", "train.max_steps=9"]
+
+
+def test_slurm_dry_run_prints_the_job_and_writes_nothing(tmp_path):
+    env = {**fake_slurm(tmp_path), "DRY_RUN": "1"}
+    result = ok(run_script("slurm.sbatch", "train.max_steps=9", cwd=tmp_path, env=env))
+    comments = [line for line in result.stdout.splitlines() if line.startswith("#")]
+    assert comments == ["# runs/slurm-77/hostfile would hold:", "#   gpu-a slots=4", "#   gpu-b slots=4"]
+    (command,) = [shlex.split(line) for line in result.stdout.splitlines() if not line.startswith("#")]
+    assert command[0] == "srun" and command[-2:] == [str(REPO), "train.max_steps=9"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_slurm_outside_a_job_says_so_and_writes_nothing(tmp_path):
+    env = {"SLURM_JOB_NODELIST": "", "SLURM_JOB_ID": "", "REPO": str(REPO)}
+    result = run_script("slurm.sbatch", cwd=tmp_path, env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: not inside a SLURM job") and len(result.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from seemore_ds.config import ModelConfig, load_config
 from seemore_ds.data.dataset import tokenize_captions
 from seemore_ds.errors import UserError
-from seemore_ds.model import IGNORE_INDEX, BatchNorm2d, SeemoreVLM, conv_flops
+from seemore_ds.model import IGNORE_INDEX, BatchNorm2d, SeemoreVLM, conv_flops, pool_patch_tokens
 from seemore_ds.tokenizer import CharTokenizer
 
 TINY = ModelConfig(img_size=16, patch_size=8, image_embed_dim=32, num_blks=1, n_embd=32, n_layer=1, n_head=2,
@@ -35,7 +35,7 @@ def random_ids(n: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("image_tokens, n_image_tokens", [("patches", 1 + 4), ("cls", 1)])
+@pytest.mark.parametrize("image_tokens, n_image_tokens", [("patches", 1 + 4), ("pooled", 1 + 1), ("cls", 1)])
 def test_output_shapes(image_tokens, n_image_tokens):
     model = tiny_model(image_tokens=image_tokens)
     images, ids = random_images(3), random_ids(3, TINY.max_caption_len + 1)
@@ -102,7 +102,7 @@ def scrambled_model(image_tokens: str) -> SeemoreVLM:
     return model
 
 
-@pytest.mark.parametrize("image_tokens", ["patches", "cls"])
+@pytest.mark.parametrize("image_tokens", ["patches", "pooled", "cls"])
 def test_kv_cache_generation_equals_full_recompute(image_tokens):
     model = scrambled_model(image_tokens)
     images = random_images(4, seed=1)
@@ -114,7 +114,7 @@ def test_kv_cache_generation_equals_full_recompute(image_tokens):
     assert any(len(set(row)) > 1 for row in with_cache), "captions should not be one repeated token"
 
 
-@pytest.mark.parametrize("image_tokens", ["patches", "cls"])
+@pytest.mark.parametrize("image_tokens", ["patches", "pooled", "cls"])
 def test_kv_cache_sampling_equals_full_recompute(image_tokens):
     model = scrambled_model(image_tokens)
     images = random_images(4, seed=2)
@@ -206,8 +206,21 @@ def test_vit_keeping_only_cls_gives_the_full_vits_cls_output_and_gradients():
         torch.testing.assert_close(kept_grad, p.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_flops_count_more_decoder_tokens_with_patches_than_cls():
-    assert tiny_model(image_tokens="patches").flops_per_sample() > tiny_model(image_tokens="cls").flops_per_sample()
+def test_flops_count_more_decoder_tokens_with_patches_than_pooled_than_cls():
+    flops = [tiny_model(image_tokens=kind).flops_per_sample() for kind in ("patches", "pooled", "cls")]
+    assert flops[0] > flops[1] > flops[2]
+
+
+def test_pooled_tokens_average_each_square_of_patches_in_row_major_order():
+    cls, grid = torch.full((1, 1, 2), -1.0), torch.arange(16.0).view(4, 4)  # patch (r, c) holds 4r + c
+    tokens = torch.cat([cls, torch.stack([grid.flatten(), 10 * grid.flatten()], dim=-1)[None]], dim=1)
+    pooled = pool_patch_tokens(tokens, 2)
+    squares = torch.tensor([[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]], dtype=torch.float)
+    torch.testing.assert_close(pooled[0, 1:, 0], squares.mean(dim=1))
+    torch.testing.assert_close(pooled[0, 1:, 1], 10 * squares.mean(dim=1))
+    torch.testing.assert_close(pooled[:, :1], cls)
+    model = tiny_model(image_tokens="pooled", img_size=32)  # a 4 x 4 grid pooled to 2 x 2
+    assert model.num_image_tokens == 1 + 4 and model.encode_images(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape[1] == 5
 
 
 @pytest.mark.parametrize("overrides, names", [
@@ -215,6 +228,8 @@ def test_flops_count_more_decoder_tokens_with_patches_than_cls():
     (["model.img_size=20", "model.patch_size=8"], ("model.img_size", "model.patch_size")),
     (["model.image_embed_dim=30", "model.n_head=4", "model.n_embd=32"], ("model.image_embed_dim", "model.n_head")),
     (["model.n_head=0"], ("model.n_head",)),
+    (["model.image_tokens=pooled", "model.img_size=96", "model.patch_size=16", "model.token_pool=4"],
+     ("model.token_pool", "= 6")),
 ])
 def test_impossible_sizes_are_config_errors(overrides, names):
     with pytest.raises(UserError) as err:

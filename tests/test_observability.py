@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from bench.throughput import SEEMORE_SIZES
 from seemore_ds.backends.ds_config import resolve_ds_config
@@ -180,6 +181,10 @@ def test_wandb_offline_without_api_key_logs_every_metric_and_resumes_the_same_ru
         assert history[step]["rss_mib"] > 0
     assert history[2]["val_loss"] == pytest.approx(float(losses[2]["val_loss"]), rel=1e-4)
     assert history[2]["captions/_type"] == "table-file" and history[2]["captions/nrows"] == 6  # the 6 held-out images
+    grid = history[2]["captions_grid/path"]  # captions.png beside the table, as W&B stored it
+    assert history[2]["captions_grid/_type"] == "image-file" and grid.endswith(".png")
+    stored = next(run_dir.glob(f"wandb/offline-run-*/files/{grid}"))
+    assert Image.open(stored).size == Image.open(run_dir / "captions.png").size
     cli.ok(cli("train", *SMALL, *wandb, "train.max_steps=4", "train.resume=auto", cwd=tmp_path))
     resumed_id, _, _, resumed_history = offline_run(run_dir, 1)
     assert resumed_id == run_id and sorted(resumed_history) == [3, 4]

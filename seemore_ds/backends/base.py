@@ -81,6 +81,9 @@ class Backend(Protocol):
     def layout(self):
         """``checkpoint.WrittenBy``: backend, rank count, ZeRO stage and precision of this run."""
 
+    def finish(self, run_dir: Path) -> None:
+        """At the end of the run, write what the engine recorded over it into ``run_dir``; every rank calls it."""
+
     def save(self, checkpoint_dir: Path) -> None:
         """Write this rank's part of the engine state (model, optimizer, schedule) into ``checkpoint_dir``;
         every rank calls it. The checkpoint manager writes everything else."""

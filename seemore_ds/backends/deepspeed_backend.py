@@ -20,7 +20,7 @@ import torch
 
 from seemore_ds import universal
 from seemore_ds.backends.base import PRECISION_DTYPES, StepStats, resolve_device, timestamp
-from seemore_ds.backends.ds_config import ds_config_for
+from seemore_ds.backends.ds_config import COMMS_SUMMARY_FILE, check_with_deepspeed, ds_config_for
 from seemore_ds.checkpoint import WrittenBy
 from seemore_ds.compiling import check_can_compile
 from seemore_ds.config import Config
@@ -98,11 +98,24 @@ def _skip_nonfinite_updates(optimizer) -> None:
     optimizer.step = step_unless_nonfinite
 
 
+def comms_table(summary: dict, world_size: int) -> str:
+    """DeepSpeed's comms_logger summary as a text table: one row per operation and message size."""
+    lines = [f"# collectives of rank 0 of {world_size}, recorded by DeepSpeed's comms_logger",
+             f"{'operation':<24} {'count':>7} {'bytes':>14} {'total_ms':>10} {'avg_ms':>9}"]
+    for operation, sizes in sorted(summary.items()):
+        for size, row in sorted(sizes.items()):
+            lines.append(f"{operation:<24} {row['count']:>7} {int(size):>14} {row['total_latency_ms']:>10.2f} "
+                         f"{row['avg_latency_ms']:>9.3f}")
+    return "\n".join(lines) + "\n"
+
+
 class DeepSpeedBackend:
     def __init__(self, model: SeemoreVLM, cfg: Config):
         # Resolved first, from files and environment only: every rank refuses a bad config alike.
-        self.ds_config, source = ds_config_for(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        # cfg adopts the JSON's concrete values for keys left at their defaults: the trainer then saves them.
+        self.ds_config, source, adopted = ds_config_for(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         prepare_environment(cfg.train.device)
+        check_with_deepspeed(self.ds_config, source)
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -118,9 +131,12 @@ class DeepSpeedBackend:
 
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        if accelerator.device_name() == "cpu" and self.world_size > 1:
+        if accelerator.device_name() == "cpu":  # one rank too: shm_comm maps a buffer at any world size
             torch.distributed.barrier()  # past it, every rank has mapped its peers' buffers (in init_distributed)
             unlink_shared_allreduce_buffer(self.rank)
+        if self.rank == 0:
+            for line in adopted:
+                print(line, flush=True)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
@@ -137,6 +153,13 @@ class DeepSpeedBackend:
         if "scheduler" not in self.ds_config:  # DeepSpeed calls it with the optimizer it builds
             scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda step: lr_multiplier(step, cfg.train))
 
+        if "activation_checkpointing" in self.ds_config:
+            # Configured from the JSON's block; the blocks' inputs are then recomputed in the backward.
+            deepspeed.checkpointing.configure(None, deepspeed_config=self.ds_config)
+            blocks = model.checkpoint_blocks(deepspeed.checkpointing.checkpoint)
+            if self.rank == 0:
+                print(f"activation checkpointing ({source}): {blocks} ViT and decoder blocks keep only their inputs "
+                      f"and recompute the rest in the backward", flush=True)
         # ZeRO-3 partitions the model's parameters; evaluation and generation use a full copy
         # (see _full_model) so that ranks with unequal work never wait on each other's all-gathers.
         self._replica = copy.deepcopy(model) if self.zero_stage == 3 else None
@@ -268,6 +291,19 @@ class DeepSpeedBackend:
 
     def layout(self) -> WrittenBy:
         return WrittenBy("deepspeed", self.world_size, self.zero_stage, self.precision)
+
+    def finish(self, run_dir: Path) -> None:
+        """With a comms_logger block: every collective of the run, per operation and message size, printed
+        by rank 0 and saved to RUN/comms_summary.txt. A collective: every rank calls it."""
+        if not self.ds_config.get("comms_logger", {}).get("enabled"):
+            return
+        import deepspeed.comm
+
+        summary = deepspeed.comm.log_summary(return_dict=True)["summary"]
+        if self.rank == 0:
+            table = comms_table(summary, self.world_size)
+            (run_dir / COMMS_SUMMARY_FILE).write_text(table, encoding="utf-8")
+            print(f"comms ({run_dir / COMMS_SUMMARY_FILE}):\n{table}", end="", flush=True)
 
     def save(self, checkpoint_dir: Path) -> None:
         """DeepSpeed's sharded checkpoint in ``checkpoint_dir``: every rank writes its own shards."""

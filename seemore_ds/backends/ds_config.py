@@ -1,34 +1,33 @@
-"""DeepSpeed JSON configs: loading, resolving ``"auto"`` from the YAML, refusing contradictions.
+"""DeepSpeed JSON configs: loading, settling them with the YAML run config, refusing contradictions.
 
 DeepSpeed itself does not resolve ``"auto"`` (at the top level it breaks, inside blocks it is
-silently dropped), so every ``"auto"`` is replaced here, before ``deepspeed.initialize``, by the
-value the YAML run config implies, as the Hugging Face Trainer does:
+silently dropped), and users bring JSONs written for other trainers, so every value DeepSpeed and
+the YAML both speak of is settled here, before ``deepspeed.initialize``, by one rule
+(docs/deepspeed.md, "Bring your own DeepSpeed JSON"):
 
-- ``train_micro_batch_size_per_gpu`` <- train.batch_size, ``gradient_accumulation_steps`` <-
-  train.grad_accum, ``train_batch_size`` <- micro x accumulation x ranks;
-- ``fp16.enabled`` / ``bf16.enabled`` <- train.precision; ``gradient_clipping`` <- train.grad_clip;
-- ``optimizer.params`` lr / betas / eps / weight_decay <- train.lr, (beta1, beta2), eps, weight_decay;
-- ``scheduler.params`` warmup_min_lr <- 0, warmup_max_lr <- train.lr, warmup_num_steps <-
-  train.warmup_steps, total_num_steps <- train.max_steps;
-- ZeRO buckets from model.n_embd (d): reduce_bucket_size d^2, stage3_prefetch_bucket_size 0.9 d^2,
-  stage3_param_persistence_threshold 10 d;
-- ``checkpoint.use_node_local_storage`` <- checkpoint.use_node_local_storage;
-- ``wall_clock_breakdown`` <- true (the engine's timers fill timing_logs.csv); ``flops_profiler`` <-
-  on at profile.flops_step, writing RUN/flops_profile.txt. A ``wandb`` monitor block is refused: the
-  trainer writes to W&B itself.
+- ``"auto"``, or a key the JSON leaves out, takes the YAML's value;
+- a concrete JSON value must agree with a YAML key the user set (in the YAML file or on the command
+  line): disagreement is refused, naming both and the fix;
+- a concrete JSON value replaces a YAML key left at its default, and says so in one line
+  (``train.precision=bf16 from ds.json bf16.enabled``): the run config then holds the values used.
 
-A concrete JSON value that says something else than the YAML is refused, naming both. The
-resolution is a pure function of (JSON, YAML, world size), so every rank reaches the same verdict
-before any collective starts: an error ends all ranks instead of leaving some waiting.
+The YAML keys concerned: precision, the batch triple, clipping, optimizer and scheduler parameters,
+node-local checkpoints, ``profile.flops_step`` (``flops_profiler``) and the W&B sink (``wandb``,
+which the trainer writes itself, so DeepSpeed's own W&B writer is never started). ``csv_monitor`` and
+``tensorboard`` write under the run folder unless their path is absolute; every other block and key
+passes through to DeepSpeed untouched. Settling is a pure function of (JSON, YAML, world size), so
+every rank reaches the same verdict before any collective starts: an error ends all ranks alike.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import math
 from pathlib import Path
 
-from seemore_ds.config import Config
+from seemore_ds.config import Config, validate
 from seemore_ds.errors import UserError
 from seemore_ds.profiling import FLOPS_PROFILE_FILE
 
@@ -49,6 +48,22 @@ DEFAULT_DS_CONFIG = {
 # DeepSpeed logs every N steps unless told otherwise; the trainer does its own logging.
 QUIET_STEPS_PER_PRINT = 10**9
 
+# Optimizers seemore-ds trains with: DeepSpeed's names, lower-cased as DeepSpeed compares them.
+OPTIMIZERS = ("adam", "adamw")
+# Scheduler type -> {params key: (YAML key, kind)}; a key the JSON leaves out is filled as "auto" is.
+SCHEDULER_PARAMS = {
+    "WarmupLR": {"warmup_max_lr": ("train.lr", "rate"), "warmup_num_steps": ("train.warmup_steps", "count")},
+    "WarmupDecayLR": {"warmup_max_lr": ("train.lr", "rate"), "warmup_num_steps": ("train.warmup_steps", "count"),
+                      "total_num_steps": ("train.max_steps", "positive")},
+    "WarmupCosineLR": {"warmup_num_steps": ("train.warmup_steps", "count"), "total_num_steps": ("train.max_steps", "positive"),
+                       "cos_min_ratio": ("train.min_lr_ratio", "ratio")},
+    "OneCycle": {"cycle_max_lr": ("train.lr", "rate"), "cycle_first_step_size": ("train.warmup_steps", "positive")},
+    "LRRangeTest": {"lr_range_test_min_lr": ("train.lr", "rate")},
+}
+# Scheduler params with a fixed value for "auto" (no YAML key of their own).
+SCHEDULER_AUTO_CONSTANTS = {"warmup_min_lr": 0.0, "warmup_min_ratio": 0.0}
+COMMS_SUMMARY_FILE = "comms_summary.txt"  # in the run folder, when the JSON has a comms_logger block
+
 
 def load_ds_json(path: str) -> dict:
     """The JSON object in ``path``; a missing file or bad JSON is one line naming the file and line."""
@@ -64,31 +79,12 @@ def load_ds_json(path: str) -> dict:
     return tree
 
 
-def ds_config_for(cfg: Config, world_size: int) -> tuple[dict, str]:
-    """(resolved DeepSpeed config, where it came from) for a run config."""
+def ds_config_for(cfg: Config, world_size: int) -> tuple[dict, str, list[str]]:
+    """(resolved DeepSpeed config, where it came from, one line per value ``cfg`` adopted from it)."""
     path = cfg.train.deepspeed_config
     raw, source = (load_ds_json(path), path) if path else (DEFAULT_DS_CONFIG, "the built-in DeepSpeed config")
-    return resolve_ds_config(raw, cfg, world_size, source), source
-
-
-class _Resolver:
-    """Fills one config tree in place; ``source`` names the file in every message."""
-
-    def __init__(self, tree: dict, source: str):
-        self.tree, self.source = tree, source
-
-    def fill(self, block: dict, key: str, where: str, yaml_key: str, yaml_value, same=None) -> None:
-        """``block[key]``: "auto" or missing -> the YAML value; a different concrete value is refused."""
-        value = block.get(key, AUTO)
-        if value == AUTO:
-            block[key] = yaml_value
-            return
-        agrees = same(value, yaml_value) if same else value == yaml_value
-        if not agrees:
-            raise UserError(
-                f"{self.source}: {where}={json.dumps(value)} contradicts {yaml_key}={_show(yaml_value)}; "
-                f"set {where} to \"auto\" or change {yaml_key}"
-            )
+    tree, adopted = resolve_ds_config(raw, cfg, world_size, source)
+    return tree, source, adopted
 
 
 def _show(value) -> str:
@@ -99,93 +95,213 @@ def _show(value) -> str:
     return str(value)
 
 
-def _close(a, b) -> bool:
-    try:
-        return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
-    except (TypeError, ValueError):
-        return False
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool) or isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
 
 
-def _same_betas(a, b) -> bool:
-    return isinstance(a, (list, tuple)) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _block(tree: dict, key: str, source: str) -> dict:
-    block = tree.setdefault(key, {})
-    if not isinstance(block, dict):
-        raise UserError(f"{source}: \"{key}\" must be a JSON object, got {json.dumps(block)}")
-    return block
+# kind -> (accepts, what it must be, JSON value -> YAML value)
+KINDS = {
+    "positive": (lambda v: _number(v) and v >= 1 and float(v).is_integer(), "a positive integer", int),
+    "count": (lambda v: _number(v) and v >= 0 and float(v).is_integer(), "an integer >= 0", int),
+    "rate": (lambda v: _number(v) and v >= 0, "a number >= 0", float),
+    "ratio": (lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1", float),
+    "beta": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", float),
+    "bool": (lambda v: isinstance(v, bool), "true, false or \"auto\"", bool),
+    "text": (lambda v: isinstance(v, str), "a string", str),
+}
 
 
-def resolve_ds_config(raw: dict, cfg: Config, world_size: int, source: str = "DeepSpeed config") -> dict:
-    """A copy of ``raw`` with every "auto" resolved from ``cfg``; contradictions raise UserError."""
+class _Resolver:
+    """Settles one config tree (in place) with ``cfg`` (in place); ``source`` names the file in every message."""
+
+    def __init__(self, tree: dict, cfg: Config, source: str):
+        self.tree, self.cfg, self.source = tree, cfg, source
+        self.taken_from: dict[str, str] = {}  # YAML key -> the JSON key whose concrete value it holds
+        self.adopted: list[str] = []  # one line per YAML value the JSON changed
+        self.autos: list[tuple[dict, str, str]] = []  # (block, key, YAML key): filled once every concrete value is in
+
+    def yaml(self, key: str):
+        section, name = key.split(".")
+        return getattr(getattr(self.cfg, section), name)
+
+    def block(self, tree: dict, key: str, where: str | None = None) -> dict:
+        """``tree[key]`` as a JSON object, created empty when missing."""
+        block = tree.setdefault(key, {})
+        if not isinstance(block, dict):
+            raise UserError(f"{self.source}: \"{where or key}\" must be a JSON object, got {json.dumps(block)}")
+        return block
+
+    def concrete(self, value, where: str, kind: str):
+        """``value`` checked against ``kind``, as the YAML key's type; a bad one is refused naming ``where``."""
+        accepts, wanted, convert = KINDS[kind]
+        if not accepts(value):
+            raise UserError(f"{self.source}: {where} must be {wanted}, got {json.dumps(value)}")
+        return convert(value)
+
+    def settle(self, block: dict, key: str, where: str, yaml_key: str, kind: str) -> None:
+        """``block[key]``: "auto" or missing -> the YAML value; concrete -> agreed, adopted or refused."""
+        value = block.get(key, AUTO)
+        if value == AUTO:
+            self.autos.append((block, key, yaml_key))
+            return
+        block[key] = self.concrete(value, where, kind)
+        self.agree(where, block[key], yaml_key)
+
+    def fill_autos(self) -> None:
+        """Every "auto" and left-out key from the YAML, after the JSON's concrete values have been adopted."""
+        for block, key, yaml_key in self.autos:
+            block[key] = self.yaml(yaml_key)
+
+    def agree(self, where: str, value, yaml_key: str, json_value=None, how: str = "") -> None:
+        """The JSON's ``where`` (``json_value``, when it is not ``value`` itself) means ``value`` for
+        ``yaml_key``: adopt it unless the user set that key or another JSON key already did."""
+        current = self.yaml(yaml_key)
+        if not _same(value, current):
+            said = f"{where}={json.dumps(value if json_value is None else json_value)}"
+            if yaml_key in self.cfg.explicit_keys:
+                raise UserError(f"{self.source}: {said} contradicts {yaml_key}={_show(current)}; "
+                                f"set {where} to \"auto\" or {yaml_key}={_show(value)}")
+            if yaml_key in self.taken_from:
+                raise UserError(f"{self.source}: {said} contradicts {self.taken_from[yaml_key]} in the same file, "
+                                f"which set {yaml_key}={_show(current)}; make them agree")
+            section, name = yaml_key.split(".")
+            setattr(getattr(self.cfg, section), name, value)
+            self.adopted.append(f"{yaml_key}={_show(value)} from {self.source} {where}" + (f" ({how})" if how else ""))
+        self.taken_from.setdefault(yaml_key, where)
+
+
+def resolve_ds_config(raw: dict, cfg: Config, world_size: int, source: str = "DeepSpeed config") -> tuple[dict, list[str]]:
+    """(a copy of ``raw`` with every value settled, one line per value ``cfg`` adopted from it).
+
+    ``cfg`` takes the JSON's concrete values for the keys the user left at their defaults; anything
+    that cannot hold raises a one-line UserError.
+    """
     tree = copy.deepcopy(raw)
-    r = _Resolver(tree, source)
-    t = cfg.train
-    _resolve_precision(tree, t.precision, source)
-    _resolve_batch(tree, r, cfg, world_size)
-    r.fill(tree, "gradient_clipping", "gradient_clipping", "train.grad_clip", t.grad_clip, _close)
-    _resolve_zero(tree, r, cfg)
-    _resolve_optimizer(tree, r, cfg)
-    r.fill(_block(tree, "checkpoint", source), "use_node_local_storage", "checkpoint.use_node_local_storage",
-           "checkpoint.use_node_local_storage (YAML)", cfg.checkpoint.use_node_local_storage)
-    _resolve_profiling(tree, cfg, source)
+    r = _Resolver(tree, cfg, source)
+    _resolve_precision(r)
+    _resolve_batch(r, world_size)
+    r.settle(tree, "gradient_clipping", "gradient_clipping", "train.grad_clip", "rate")
+    _resolve_zero(r)
+    _resolve_optimizer(r)
+    _resolve_scheduler(r)
+    r.settle(r.block(tree, "checkpoint"), "use_node_local_storage", "checkpoint.use_node_local_storage",
+             "checkpoint.use_node_local_storage", "bool")
+    _resolve_monitors(r)
+    _resolve_flops_profiler(r)
+    r.fill_autos()
+    if tree.get("wall_clock_breakdown", AUTO) == AUTO:  # the engine's timers fill timing_logs.csv
+        tree["wall_clock_breakdown"] = True
     tree.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
     left = list(_auto_paths(tree))
     if left:
         raise UserError(f"{source}: {left[0]} is \"auto\", which seemore-ds cannot resolve from the YAML; give it a value")
-    return tree
+    if r.adopted:
+        try:
+            validate(cfg)
+        except UserError as err:
+            raise UserError(f"{source}: {err} (after taking {', '.join(r.adopted)})") from None
+    return tree, r.adopted
 
 
-def _resolve_precision(tree: dict, precision: str, source: str) -> None:
+def _resolve_precision(r: _Resolver) -> None:
+    tree = r.tree
     if "bfloat16" in tree:  # DeepSpeed's older spelling of the bf16 block
         if "bf16" in tree:
-            raise UserError(f"{source}: has both \"bf16\" and \"bfloat16\" blocks; keep one")
+            raise UserError(f"{r.source}: has both \"bf16\" and \"bfloat16\" blocks; keep one")
         tree["bf16"] = tree.pop("bfloat16")
+    said = {}  # "fp16" / "bf16" -> the concrete enabled value
     for key in ("fp16", "bf16"):
-        block = _block(tree, key, source)
-        wanted = precision == key
-        value = block.get("enabled", AUTO if wanted else False)
+        value = r.block(tree, key).get("enabled", AUTO)
+        if value != AUTO:
+            said[key] = r.concrete(value, f"{key}.enabled", "bool")
+    if said.get("fp16") and said.get("bf16"):
+        raise UserError(f"{r.source}: fp16.enabled and bf16.enabled are both true; keep one of them (or set it to \"auto\")")
+    wanted = next((key for key, on in said.items() if on), None)
+    precision = r.cfg.train.precision
+    if wanted:
+        _settle_precision(r, wanted, f"{wanted}.enabled")
+    elif said.get(precision) is False:  # the JSON turns off what the YAML asks for: fp32, unless the user set it
+        _settle_precision(r, "fp32", f"{precision}.enabled")
+    for key in ("fp16", "bf16"):
+        tree[key]["enabled"] = r.cfg.train.precision == key
+
+
+def _settle_precision(r: _Resolver, precision: str, where: str) -> None:
+    """The JSON's ``where`` (an fp16/bf16 ``enabled``) asks for ``precision``."""
+    current = r.cfg.train.precision
+    if current != precision:
+        enabled = precision != "fp32"
+        if "train.precision" in r.cfg.explicit_keys:
+            raise UserError(f"{r.source}: {where}={_show(enabled)} contradicts train.precision={current}; "
+                            f"set {where} to \"auto\" or train.precision={precision}")
+        r.cfg.train.precision = precision
+        r.adopted.append(f"train.precision={precision} from {r.source} {where}")
+    r.taken_from.setdefault("train.precision", where)
+
+
+def _resolve_batch(r: _Resolver, world_size: int) -> None:
+    tree, cfg = r.tree, r.cfg
+    micro_key, accum_key, total_key = "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"
+    free = []  # YAML keys at their defaults that the JSON's train_batch_size may set
+    for key, yaml_key in ((micro_key, "train.batch_size"), (accum_key, "train.grad_accum")):
+        value = tree.get(key, AUTO)
         if value == AUTO:
-            block["enabled"] = wanted
-        elif not isinstance(value, bool):
-            raise UserError(f"{source}: {key}.enabled must be true, false or \"auto\", got {json.dumps(value)}")
-        elif value != wanted:
-            raise UserError(
-                f"{source}: {key}.enabled={_show(value)} contradicts train.precision={precision}; "
-                f"set {key}.enabled to \"auto\" or train.precision={key if value else 'fp32'}"
-            )
-
-
-def _resolve_batch(tree: dict, r: _Resolver, cfg: Config, world_size: int) -> None:
-    t = cfg.train
-    r.fill(tree, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu", "train.batch_size", t.batch_size)
-    r.fill(tree, "gradient_accumulation_steps", "gradient_accumulation_steps", "train.grad_accum", t.grad_accum)
-    micro, accum = tree["train_micro_batch_size_per_gpu"], tree["gradient_accumulation_steps"]
+            if yaml_key not in cfg.explicit_keys:
+                free.append(yaml_key)
+        else:
+            r.agree(key, r.concrete(value, key, "positive"), yaml_key)
+    total = tree.get(total_key, AUTO)
+    if total != AUTO:
+        total = r.concrete(total, total_key, "positive")
+        micro, accum = cfg.train.batch_size, cfg.train.grad_accum
+        if micro * accum * world_size != total:
+            # accumulation first: the micro-batch is what the memory was sized for
+            for yaml_key, other, other_name in (("train.grad_accum", micro, "train.batch_size"),
+                                                ("train.batch_size", accum, "train.grad_accum")):
+                if yaml_key in free and total % (other * world_size) == 0:
+                    r.agree(total_key, total // (other * world_size), yaml_key, json_value=total,
+                            how=f"{total} / ({other_name} {other} x {world_size} rank(s))")
+                    break
+    micro, accum = cfg.train.batch_size, cfg.train.grad_accum
     implied = micro * accum * world_size
-    total = tree.get("train_batch_size", AUTO)
-    if total == AUTO:
-        tree["train_batch_size"] = implied
-        return
-    if total == implied:
-        return
-    fixes = [f"set \"train_batch_size\": \"auto\" (or {implied})"]
-    if isinstance(total, int) and total > 0 and total % (micro * world_size) == 0:
-        fixes.append(f"train.grad_accum={total // (micro * world_size)}")
-    if isinstance(total, int) and total > 0 and total % (accum * world_size) == 0:
-        fixes.append(f"train.batch_size={total // (accum * world_size)}")
-    raise UserError(
-        f"{r.source}: train_batch_size={json.dumps(total)} cannot hold: it must equal train.batch_size ({micro}) x "
-        f"train.grad_accum ({accum}) x {world_size} rank(s) = {implied}; fix: {' or '.join(fixes)}"
-    )
+    if total != AUTO and total != implied:
+        fixes = [f"set \"{total_key}\": \"auto\" (or {implied})"]
+        if total % (micro * world_size) == 0:
+            fixes.append(f"train.grad_accum={total // (micro * world_size)}")
+        if total % (accum * world_size) == 0:
+            fixes.append(f"train.batch_size={total // (accum * world_size)}")
+        raise UserError(
+            f"{r.source}: {total_key}={total} cannot hold: it must equal train.batch_size ({micro}) x "
+            f"train.grad_accum ({accum}) x {world_size} rank(s) = {implied}; fix: {' or '.join(fixes)}"
+        )
+    tree.update({micro_key: micro, accum_key: accum, total_key: implied})
 
 
-def _resolve_zero(tree: dict, r: _Resolver, cfg: Config) -> None:
-    zero = _block(tree, "zero_optimization", r.source)
+def _resolve_zero(r: _Resolver) -> None:
+    zero = r.block(r.tree, "zero_optimization")
     stage = zero.setdefault("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise UserError(f"{r.source}: zero_optimization.stage must be 0, 1, 2 or 3, got {json.dumps(stage)}")
-    d = cfg.model.n_embd
+    zero["stage"] = int(stage)
+    # DeepSpeed reads offload_param at stage 3 only (DeepSpeed-Chat's JSONs carry it at every stage), but an
+    # offloaded optimizer at stage 0 would step the GPU's parameters on the CPU.
+    for what, lowest in (("offload_optimizer", 1), ("offload_param", 0)):
+        if what in zero and zero[what] is not None:
+            offload = r.block(zero, what, f"zero_optimization.{what}")
+            device = offload.get("device", "none")
+            if device not in ("none", "cpu", "nvme", None):
+                raise UserError(f"{r.source}: zero_optimization.{what}.device must be \"none\", \"cpu\" or \"nvme\", "
+                                f"got {json.dumps(device)}")
+            if device not in ("none", None) and stage < lowest:
+                raise UserError(f"{r.source}: zero_optimization.{what} needs ZeRO stage {lowest} or more, the "
+                                f"config says stage {stage}; raise zero_optimization.stage or set {what}.device to \"none\"")
+    d = r.cfg.model.n_embd
     buckets = {"reduce_bucket_size": d * d, "stage3_prefetch_bucket_size": int(0.9 * d * d),
                "stage3_param_persistence_threshold": 10 * d}
     for key, value in buckets.items():
@@ -199,40 +315,124 @@ def offload_device(tree: dict, what: str) -> str:
     return block.get("device", "none") or "none"
 
 
-def _resolve_optimizer(tree: dict, r: _Resolver, cfg: Config) -> None:
-    t = cfg.train
+def _resolve_optimizer(r: _Resolver) -> None:
+    tree = r.tree
     if "optimizer" not in tree and offload_device(tree, "offload_optimizer") != "none":
         # ZeRO-Offload steps on the CPU with DeepSpeedCPUAdam, which DeepSpeed builds from this block.
         tree["optimizer"] = {"type": "AdamW", "params": {}}
-    if "optimizer" in tree:
-        params = _block(_block(tree, "optimizer", r.source), "params", r.source)
-        r.fill(params, "lr", "optimizer.params.lr", "train.lr", t.lr, _close)
-        r.fill(params, "betas", "optimizer.params.betas", "train.beta1,beta2", [t.beta1, t.beta2], _same_betas)
-        r.fill(params, "eps", "optimizer.params.eps", "train.eps", t.eps, _close)
-        r.fill(params, "weight_decay", "optimizer.params.weight_decay", "train.weight_decay", t.weight_decay, _close)
-    if "scheduler" in tree:
-        params = _block(_block(tree, "scheduler", r.source), "params", r.source)
-        if params.get("warmup_min_lr") == AUTO:
-            params["warmup_min_lr"] = 0.0
-        r.fill(params, "warmup_max_lr", "scheduler.params.warmup_max_lr", "train.lr", t.lr, _close)
-        r.fill(params, "warmup_num_steps", "scheduler.params.warmup_num_steps", "train.warmup_steps", t.warmup_steps)
-        if params.get("total_num_steps") == AUTO or tree["scheduler"].get("type") == "WarmupDecayLR":
-            r.fill(params, "total_num_steps", "scheduler.params.total_num_steps", "train.max_steps", t.max_steps)
+    if "optimizer" not in tree:
+        return
+    optimizer = r.block(tree, "optimizer")
+    kind = optimizer.get("type", AUTO)
+    if not isinstance(kind, str) or kind.lower() not in OPTIMIZERS:
+        raise UserError(f"{r.source}: optimizer.type={json.dumps(kind)} is not one seemore-ds trains with; "
+                        f"use \"AdamW\" or \"Adam\", or remove the \"optimizer\" block (a torch AdamW is used)")
+    params = r.block(optimizer, "params", "optimizer.params")
+    r.settle(params, "lr", "optimizer.params.lr", "train.lr", "rate")
+    betas = params.get("betas", AUTO)
+    if betas == AUTO:
+        params["betas"] = [AUTO, AUTO]
+        r.autos += [(params["betas"], 0, "train.beta1"), (params["betas"], 1, "train.beta2")]
+    elif not (isinstance(betas, list) and len(betas) == 2):
+        raise UserError(f"{r.source}: optimizer.params.betas must be two numbers such as [0.9, 0.999], got {json.dumps(betas)}")
+    else:
+        for i, yaml_key in enumerate(("train.beta1", "train.beta2")):
+            betas[i] = r.concrete(betas[i], f"optimizer.params.betas[{i}]", "beta")
+            r.agree(f"optimizer.params.betas[{i}]", betas[i], yaml_key)
+    r.settle(params, "eps", "optimizer.params.eps", "train.eps", "rate")
+    r.settle(params, "weight_decay", "optimizer.params.weight_decay", "train.weight_decay", "rate")
 
 
-def _resolve_profiling(tree: dict, cfg: Config, source: str) -> None:
-    if tree.get("wall_clock_breakdown", AUTO) == AUTO:
-        tree["wall_clock_breakdown"] = True
-    monitor = tree.get("wandb")
-    if isinstance(monitor, dict) and monitor.get("enabled"):
-        raise UserError(f"{source}: wandb.enabled=true starts DeepSpeed's own W&B writer, which would clash with "
-                        f"seemore-ds's; remove the \"wandb\" block and set wandb.enabled=true in the YAML")
-    if cfg.profile.flops_step:
-        profiler = _block(tree, "flops_profiler", source)
-        # The engine counts optimizer steps from 0, profile.flops_step from 1.
-        profiler.update(enabled=True, profile_step=cfg.profile.flops_step - 1,
-                        output_file=str(Path(cfg.run.output_dir) / FLOPS_PROFILE_FILE))
-        profiler.setdefault("detailed", True)
+def _resolve_scheduler(r: _Resolver) -> None:
+    if "scheduler" not in r.tree:
+        return
+    scheduler = r.block(r.tree, "scheduler")
+    kind = scheduler.get("type")
+    if kind not in SCHEDULER_PARAMS:
+        raise UserError(f"{r.source}: scheduler.type={json.dumps(kind)} is not one of DeepSpeed's "
+                        f"({', '.join(SCHEDULER_PARAMS)}); fix it, or remove the \"scheduler\" block (cosine from the YAML)")
+    params = r.block(scheduler, "params", "scheduler.params")
+    for key, value in SCHEDULER_AUTO_CONSTANTS.items():
+        if params.get(key) == AUTO:
+            params[key] = value
+    for key, (yaml_key, kind_of_value) in SCHEDULER_PARAMS[kind].items():
+        r.settle(params, key, f"scheduler.params.{key}", yaml_key, kind_of_value)
+
+
+def _resolve_monitors(r: _Resolver) -> None:
+    tree, run_dir = r.tree, Path(r.cfg.run.output_dir)
+    if "wandb" in tree:
+        # The trainer's own W&B sink takes the block, so that one writer logs the run.
+        block = r.block(tree, "wandb")
+        r.settle(block, "enabled", "wandb.enabled", "wandb.enabled", "bool")
+        if r.cfg.wandb.enabled:
+            for key, yaml_key in (("project", "wandb.project"), ("team", "wandb.entity"), ("group", "wandb.group")):
+                if block.get(key) is not None:  # DeepSpeed's default for each is null
+                    r.settle(block, key, f"wandb.{key}", yaml_key, "text")
+        del tree["wandb"]
+    for name in ("csv_monitor", "tensorboard"):
+        if name not in tree:
+            continue
+        block = r.block(tree, name)
+        if block.get("enabled") is True:
+            if name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+                raise UserError(f"{r.source}: the \"tensorboard\" block needs the tensorboard package: "
+                                f"pip install tensorboard (or set tensorboard.enabled to false)")
+            path = block.get("output_path") or ""
+            if not isinstance(path, str):
+                raise UserError(f"{r.source}: {name}.output_path must be a folder name, got {json.dumps(path)}")
+            block["output_path"] = str(run_dir / path)  # an absolute path stays as it is
+
+
+def _resolve_flops_profiler(r: _Resolver) -> None:
+    """One profiled step either way: profile.flops_step counts optimizer steps from 1, DeepSpeed's
+    profile_step from 0; the report always goes to RUN/flops_profile.txt."""
+    tree, cfg = r.tree, r.cfg
+    profiler = tree.get("flops_profiler")
+    if profiler is None:
+        if not cfg.profile.flops_step:
+            return
+        profiler = tree["flops_profiler"] = {"enabled": True}
+    profiler = r.block(tree, "flops_profiler")
+    enabled = profiler.get("enabled", False)  # DeepSpeed's default
+    if enabled == AUTO:
+        enabled = bool(cfg.profile.flops_step)
+    enabled = r.concrete(enabled, "flops_profiler.enabled", "bool")
+    if not enabled:
+        if cfg.profile.flops_step and "profile.flops_step" in cfg.explicit_keys:
+            raise UserError(f"{r.source}: flops_profiler.enabled=false contradicts profile.flops_step="
+                            f"{cfg.profile.flops_step}; set flops_profiler.enabled to \"auto\" or profile.flops_step=0")
+        profiler["enabled"] = False
+        cfg.profile.flops_step = 0
+        return
+    step = profiler.get("profile_step", AUTO if cfg.profile.flops_step else 1)  # DeepSpeed's default: 1
+    if step == AUTO:
+        step = max(cfg.profile.flops_step, 1) - 1
+    step = r.concrete(step, "flops_profiler.profile_step", "count")
+    r.agree("flops_profiler.profile_step", step + 1, "profile.flops_step", json_value=step,
+            how=f"{step} counted from 0")
+    profiler.update(enabled=True, profile_step=step, output_file=str(Path(cfg.run.output_dir) / FLOPS_PROFILE_FILE))
+    profiler.setdefault("detailed", True)
+
+
+def check_with_deepspeed(tree: dict, source: str) -> None:
+    """DeepSpeed's own config class on the resolved tree: what it refuses becomes one line.
+
+    Import deepspeed only after the accelerator is chosen. Before the process group exists DeepSpeed's
+    config may count one rank or the launcher's, so train_batch_size (which resolution checked against
+    the real world size) is left for it to derive from the other two.
+    """
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig({k: v for k, v in copy.deepcopy(tree).items() if k != "train_batch_size"})
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UserError(f"{source}: DeepSpeed refuses {where}: {first['msg']}") from None
+    except (ValueError, AssertionError, TypeError, KeyError) as err:
+        raise UserError(f"{source}: DeepSpeed refuses the config: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
 def _auto_paths(tree, prefix: str = ""):

@@ -1,8 +1,9 @@
-"""seemore's CSV format: columns ``b64string_images`` and ``caption``; every image decoded once.
+"""seemore's CSV format (columns ``b64string_images`` and ``caption``), and the report of bad rows.
 
-Other columns are ignored in any order; UTF-8 with or without BOM; CRLF or LF; quoted fields.
-A row that cannot be used is either skipped and reported (``data.on_bad_row=skip``) or stops the
-run with its row number (``error``). Row numbers count data rows from 1, the header excluded.
+Other columns are ignored in any order; UTF-8 with or without BOM; CRLF or LF; quoted fields (see
+``tables`` for every table format read). A row that cannot be used is either skipped and reported
+(``data.on_bad_row=skip``) or stops the run with its row number (``error``). Row numbers count data
+rows from 1, the header excluded.
 """
 
 from __future__ import annotations
@@ -10,81 +11,43 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import tempfile
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from seemore_ds.data.images import BadImage, decode_base64_image
+from seemore_ds.data import tables
+from seemore_ds.data.decoding import BadRow, DecodeResult, DecodeSettings, decode_tables
+from seemore_ds.data.tables import BASE64_COLUMN
 from seemore_ds.errors import UserError
 
-IMAGE_COLUMN, CAPTION_COLUMN = "b64string_images", "caption"
-
-
-class BadCaption(ValueError):
-    """A caption cell that cannot be used; the message is the reason reported."""
-
-
-@dataclass
-class BadRow:
-    row: int
-    reason: str
-
+IMAGE_COLUMN, CAPTION_COLUMN = BASE64_COLUMN, tables.CAPTION_COLUMN
 
 Decoded = tuple[np.ndarray, list[str], list[BadRow]]  # uint8 images (N, 3, S, S), captions, skipped rows
 
 
-def csv_file(path: str) -> Path:
-    """data.csv as a path, or a one-line UserError when there is no such file."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"data.csv: {path} does not exist")
-    return file
-
-
 def read_caption_csv(path: str, img_size: int, max_caption_len: int, max_pixels: int,
-                     on_bad_row: str = "skip") -> Decoded:
-    """Read and decode a seemore CSV: (uint8 images (N, 3, S, S), captions, skipped rows)."""
-    file = csv_file(path)
-    csv.field_size_limit(2**31 - 1)  # a base64 image is one long field
-    images, captions, bad = [], [], []
-    try:
-        with open(file, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in (IMAGE_COLUMN, CAPTION_COLUMN) if c not in columns]
-            if missing:
-                raise UserError(
-                    f"{path} has no {' and no '.join(repr(c) for c in missing)} column "
-                    f"(found: {', '.join(map(repr, columns)) or 'no header'}); "
-                    f"a seemore CSV needs the columns {IMAGE_COLUMN!r} and {CAPTION_COLUMN!r}"
-                )
-            reader.fieldnames = columns
-            for row_number, row in enumerate(reader, start=1):
-                try:
-                    caption = (row.get(CAPTION_COLUMN) or "").strip()
-                    if not caption:
-                        raise BadCaption("empty caption")
-                    if len(caption) > max_caption_len:
-                        raise BadCaption(f"caption of {len(caption)} characters exceeds model.max_caption_len={max_caption_len}")
-                    image = decode_base64_image(row.get(IMAGE_COLUMN) or "", img_size, max_pixels)
-                except (BadCaption, BadImage) as err:
-                    if on_bad_row == "error":
-                        raise UserError(f"{path} row {row_number}: {err} (set data.on_bad_row=skip to skip such rows)") from None
-                    bad.append(BadRow(row_number, str(err)))
-                    continue
-                images.append(image)
-                captions.append(caption)
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
-    except csv.Error as err:
-        raise UserError(f"{path} is not a readable CSV: {err}") from None
-    if not images:
-        summary = f"; {summarize_bad_rows(bad)}" if bad else ""
-        raise UserError(f"{path} has no usable rows{summary}")
-    return np.stack(images), captions, bad
+                     on_bad_row: str = "skip", workers: int = 1) -> Decoded:
+    """Read and decode a captions table (or several: see ``tables.table_files``) into memory:
+    (uint8 images (N, 3, S, S), captions, skipped rows). The run itself decodes into the image cache
+    instead (``image_cache``); this is for tools and tests."""
+    files = tables.table_files(path)
+    settings = DecodeSettings(img_size, max_caption_len, max_pixels)
+    with tempfile.TemporaryDirectory(prefix="seemore-ds-decode-") as folder:
+        out = Path(folder) / "images.u8"
+        result = decode_tables(files, settings, out, on_bad_row, workers)
+        check_usable(path, result)
+        images = np.fromfile(out, dtype=np.uint8).reshape(result.n_images, 3, img_size, img_size)
+    return images, result.captions, result.bad_rows
+
+
+def check_usable(source: str, result: DecodeResult) -> None:
+    """A one-line UserError when no row at all could be used."""
+    if not result.n_images:
+        summary = f"; {summarize_bad_rows(result.bad_rows)}" if result.bad_rows else ""
+        raise UserError(f"{source} has no usable rows{summary}")
 
 
 def summarize_bad_rows(bad: list[BadRow]) -> str:
@@ -95,10 +58,12 @@ def summarize_bad_rows(bad: list[BadRow]) -> str:
 
 
 def write_bad_rows(bad: list[BadRow], path: Path) -> None:
+    """The skipped rows as a CSV: row, reason, and first the file when they come from several tables."""
+    several = len({b.file for b in bad}) > 1
     with open(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["row", "reason"])
-        writer.writerows((b.row, b.reason) for b in bad)
+        writer.writerow(["file", "row", "reason"] if several else ["row", "reason"])
+        writer.writerows((b.file, b.row, b.reason) if several else (b.row, b.reason) for b in bad)
 
 
 def encode_png_base64(image: Image.Image) -> str:

@@ -1,5 +1,6 @@
 """Rank 0's watch over a run beyond its losses: throughput and MFU, memory, the FLOPs profile, the
-torch.profiler trace and the W&B sink. The trainer calls it; it decides nothing about training."""
+torch.profiler trace, the held-out captions and the W&B sink. The trainer calls it; it decides
+nothing about training."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import torch
 
 from seemore_ds.config import Config, trace_steps
 from seemore_ds.evaluation import generate_captions
+from seemore_ds.metrics.caption_grid import CAPTIONS_FILE, write_caption_grid
 from seemore_ds.metrics.csv_log import CSVLog
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.profiling import FLOPS_PROFILE_FILE, FlopsReport, TorchTrace, memory_mib, peak_tflops, throughput
 
 MEMORY_FILE, TRACE_FILE = "memory_log.csv", "torch_trace.json"
 MEMORY_COLUMNS = ["step", "max_allocated_mib", "max_reserved_mib", "rss_mib", "max_rss_mib"]
-CAPTION_SAMPLES = 8  # held-out images captioned into the W&B table at each evaluation
+CAPTION_SAMPLES = 16  # held-out images captioned into captions.png (and W&B) at each evaluation
 
 
 class RunMonitor:
@@ -83,12 +85,17 @@ class RunMonitor:
             self.wandb.log(step, merged)
 
     def log_captions(self, step: int, model: SeemoreVLM, split, tokenizer) -> None:
-        """At an evaluation: the first held-out images with their generated captions, as a W&B table."""
-        if self.wandb is None or split is None:
+        """At an evaluation: the first held-out images with their generated captions, drawn into
+        ``captions.png`` (replaced at each evaluation) and, with W&B, as a table and that image."""
+        if split is None:
             return
-        images = split.data.images_at(torch.arange(min(CAPTION_SAMPLES, len(split))))
-        captions = generate_captions(model, images, tokenizer)
-        self.wandb.log_captions(step, images.cpu(), captions, split.data.captions[:CAPTION_SAMPLES])
+        n = min(CAPTION_SAMPLES, len(split))
+        images = split.data.images_at(torch.arange(n)).cpu()
+        captions, references = generate_captions(model, images, tokenizer), split.data.captions[:n]
+        grid = write_caption_grid(images.numpy(), captions, references, self.run_dir / CAPTIONS_FILE,
+                                  f"{self.run_dir.name}, step {step}")
+        if self.wandb:
+            self.wandb.log_captions(step, images, captions, references, grid)
 
     def finish(self, summary: dict) -> None:
         self.trace.close()

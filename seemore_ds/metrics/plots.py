@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+# Figures made directly, not through pyplot: no backend to choose, no display needed, and no
+# process-wide matplotlib state changed for whoever imports this module.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from seemore_ds.errors import UserError  # noqa: E402
+from seemore_ds.errors import UserError
 
 # Phases of a step, bottom to top of the stacked breakdown; older runs lack backward_allreduce_s.
 TIMING_PARTS = ["data_s", "forward_s", "backward_s", "backward_allreduce_s", "optimizer_s"]
@@ -50,7 +49,6 @@ def _finish(fig, ax, out: Path) -> None:
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def _has(frame: pd.DataFrame, column: str) -> bool:
@@ -58,7 +56,8 @@ def _has(frame: pd.DataFrame, column: str) -> bool:
 
 
 def plot_loss(runs: list[RunLogs], out: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for i, run in enumerate(runs):
         color = f"C{i}"
         ax.plot(run.losses["step"], run.losses["train_loss"], color=color, label=f"{run.label} train")
@@ -71,7 +70,8 @@ def plot_loss(runs: list[RunLogs], out: Path, title: str) -> None:
 
 
 def plot_lr(runs: list[RunLogs], out: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for i, run in enumerate(runs):
         ax.plot(run.losses["step"], run.losses["lr"], color=f"C{i}", label=run.label)
     ax.set(ylabel="learning rate", title=title)
@@ -81,7 +81,8 @@ def plot_lr(runs: list[RunLogs], out: Path, title: str) -> None:
 
 def plot_throughput(runs: list[RunLogs], out: Path, title: str) -> None:
     with_mfu = any(_has(run.losses, "mfu") for run in runs)
-    fig, axes = plt.subplots(2 if with_mfu else 1, 1, figsize=(7, 6.5 if with_mfu else 4), sharex=True, squeeze=False)
+    fig = Figure(figsize=(7, 6.5 if with_mfu else 4))
+    axes = fig.subplots(2 if with_mfu else 1, 1, sharex=True, squeeze=False)
     top = axes[0][0]
     for i, run in enumerate(runs):
         top.plot(run.losses["step"], run.losses["samples_per_s"], color=f"C{i}", label=run.label)
@@ -99,12 +100,12 @@ def plot_throughput(runs: list[RunLogs], out: Path, title: str) -> None:
     top.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def plot_timing(runs: list[RunLogs], out: Path, title: str) -> None:
     """One stacked panel per run, on a shared scale: where the milliseconds of a step go."""
-    fig, axes = plt.subplots(len(runs), 1, figsize=(7, 2.2 + 2.6 * len(runs)), sharex=True, squeeze=False)
+    fig = Figure(figsize=(7, 2.2 + 2.6 * len(runs)))
+    axes = fig.subplots(len(runs), 1, sharex=True, squeeze=False)
     top_ms = 1.05 * max(run.timings["step_s"].max() * 1000 for run in runs)
     for ax, run in zip(axes[:, 0], runs):
         parts = [p for p in TIMING_PARTS if _has(run.timings, p)]
@@ -121,12 +122,12 @@ def plot_timing(runs: list[RunLogs], out: Path, title: str) -> None:
     axes[-1][0].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def plot_memory(runs: list[RunLogs], out: Path, title: str) -> None:
     """Peak CUDA allocated/reserved where a GPU was used, the process's resident set always."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     top = 0.0
     for i, run in enumerate(runs):
         mem, color = run.memory, f"C{i}"

@@ -31,7 +31,7 @@ class WandbSink:
         self.wandb = wandb
         self.run = wandb.init(
             project=w.project, entity=w.entity or None, name=w.name or run_dir.resolve().name,
-            tags=[t.strip() for t in w.tags.split(",") if t.strip()], mode=mode, dir=str(run_dir),
+            tags=[t.strip() for t in w.tags.split(",") if t.strip()], group=w.group or None, mode=mode, dir=str(run_dir),
             config=cfg.to_dict(), id=run_id, resume="allow",
             settings=wandb.Settings(console="off", silent=True),
         )
@@ -45,12 +45,14 @@ class WandbSink:
         """One point per metric at this optimizer step; empty values are left out."""
         self.run.log({"step": step, **{k: v for k, v in metrics.items() if v is not None and k != "step"}})
 
-    def log_captions(self, step: int, images: torch.Tensor, captions: list[str], references: list[str]) -> None:
-        """A table of held-out images with the generated and the reference caption."""
+    def log_captions(self, step: int, images: torch.Tensor, captions: list[str], references: list[str],
+                     grid: Path) -> None:
+        """A table of held-out images with the generated and the reference caption, and the same
+        images drawn as one grid (``captions.png``) with the wrong captions marked."""
         table = self.wandb.Table(columns=["step", "image", "generated", "reference"])
         for image, caption, reference in zip(images, captions, references):
             table.add_data(step, self.wandb.Image(image.permute(1, 2, 0).numpy()), caption, reference)
-        self.run.log({"step": step, "captions": table})
+        self.run.log({"step": step, "captions": table, "captions_grid": self.wandb.Image(str(grid))})
 
     def finish(self, summary: dict) -> None:
         self.run.summary.update({k: v for k, v in summary.items() if v is not None})

@@ -1,0 +1,79 @@
+"""captions.png: what it draws (the model's own captions, wrong ones marked beside the reference),
+written at every evaluation of a run and by ``plot RUN`` from the run's latest checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from seemore_ds.checkpoint import load_model_for_inference
+from seemore_ds.evaluation import generate_captions, held_out_data
+from seemore_ds.metrics.caption_grid import (CAPTIONS_FILE, CAPTIONS_METADATA_KEY, WRONG_COLOR, caption_grid_figure,
+                                             write_caption_grid)
+from seemore_ds.metrics.monitor import CAPTION_SAMPLES
+
+
+def solid_images(n: int, size: int = 8) -> np.ndarray:
+    """n flat-coloured uint8 images (n, 3, S, S), each one distinct."""
+    images = np.zeros((n, 3, size, size), dtype=np.uint8)
+    for i in range(n):
+        images[i, i % 3] = 40 + 30 * i
+    return images
+
+
+def drawn_captions(png) -> list[dict]:
+    return json.loads(Image.open(png).text[CAPTIONS_METADATA_KEY])
+
+
+def red_pixels(png) -> int:
+    """Pixels of the colour wrong captions are drawn in (anti-aliasing spares their cores)."""
+    want = np.array([int(WRONG_COLOR[i:i + 2], 16) for i in (1, 3, 5)])
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return int((np.abs(pixels - want).sum(axis=-1) < 30).sum())
+
+
+def test_the_grid_shows_each_image_with_its_caption_and_marks_the_wrong_ones():
+    images = solid_images(5)
+    predicted = ["a red circle", "two blue squares", "a green cross", "", "a star"]
+    references = ["a red circle", "three blue squares", "a green cross", "a dot", "a star"]
+    fig = caption_grid_figure(images, predicted, references, "run")
+    axes = fig.axes
+    assert len(axes) == 8  # two rows of four; the last three left blank
+    for ax, image, caption, reference in zip(axes, images, predicted, references):
+        np.testing.assert_array_equal(ax.images[0].get_array(), image.transpose(1, 2, 0))
+        title = ax.get_title().replace("\n", " ")
+        if caption == reference:
+            assert title == caption and ax.get_xlabel() == "" and ax.title.get_color() != WRONG_COLOR
+        else:
+            assert title == (f"✗ {caption}" if caption else "✗") and ax.title.get_color() == WRONG_COLOR
+            assert ax.get_xlabel().replace("\n", " ") == f"ref: {reference}"
+    assert all(not ax.images and not ax.axison for ax in axes[5:])
+    assert fig._suptitle.get_text() == "run: 3 of 5 captions right"
+
+
+def test_the_png_is_red_only_where_a_caption_is_wrong(tmp_path):
+    images = solid_images(4)
+    references = ["a red circle", "two blue squares", "a green cross", "a dot"]
+    predicted = ["a red circle", "two blue squares", "three green crosses", "a dot"]
+    right = write_caption_grid(images, references, references, tmp_path / "right.png", "run")
+    wrong = write_caption_grid(images, predicted, references, tmp_path / "wrong.png", "run")
+    assert red_pixels(right) == 0 and red_pixels(wrong) > 20
+    assert [c["right"] for c in drawn_captions(wrong)] == [True, True, False, True]
+
+
+def test_a_run_and_plot_draw_the_models_own_captions(tiny_run, cli, tmp_path):
+    """The run's captions.png (last evaluation) and plot's (latest checkpoint) hold exactly the captions
+    the final model writes for the first held-out images, beside their references."""
+    model, tokenizer, cfg = load_model_for_inference(tiny_run.run_dir)
+    data = held_out_data(cfg)
+    n = min(CAPTION_SAMPLES, len(data))
+    expected = [{"predicted": p, "reference": r, "right": p == r}
+                for p, r in zip(generate_captions(model, data.images_at(torch.arange(n)), tokenizer), data.captions[:n])]
+    assert n == len(data) > 0 and len({c["predicted"] for c in expected}) >= 1
+    assert drawn_captions(tiny_run.run_dir / CAPTIONS_FILE) == expected
+    result = cli.ok(cli("plot", tiny_run.run_dir, "--out", "again", cwd=tmp_path))
+    assert result.stdout.splitlines()[-1] == f"again/{CAPTIONS_FILE}"
+    assert drawn_captions(tmp_path / "again" / CAPTIONS_FILE) == expected
