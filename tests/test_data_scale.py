@@ -327,7 +327,7 @@ def test_prefetched_batches_are_the_samplers_own_and_its_state_is_unchanged():
     for step in range(8):  # over several epochs of 3 batches
         if step == 5:  # the sampler moved by someone else, as a loaded state would
             for sampler in (prefetched, plain):
-                sampler.load_state_dict({"epoch": 7, "batch_index": 1})
+                sampler.load_state_dict({"epoch": 7, "samples_seen_in_epoch": 3})
         got = batches.next_step()
         wanted = [split.batch(plain.next_indices()) for _ in range(2)]
         assert [b.images[:, 0, 0, 0].tolist() for b in got] == [b.images[:, 0, 0, 0].tolist() for b in wanted], step
