@@ -203,9 +203,15 @@ def test_each_node_keeps_and_resumes_from_its_own_checkpoint_disk(two_nodes, cli
 
 def test_node_local_storage_reaches_the_deepspeed_json_and_a_contradiction_is_refused():
     cfg = load_config(None, ["checkpoint.use_node_local_storage=true"])
-    assert resolve_ds_config({}, cfg, world_size=2)["checkpoint"]["use_node_local_storage"] is True
+    assert resolve_ds_config({}, cfg, world_size=2)[0]["checkpoint"]["use_node_local_storage"] is True
     auto = {"checkpoint": {"use_node_local_storage": "auto"}}
-    assert resolve_ds_config(auto, load_config(), world_size=2)["checkpoint"]["use_node_local_storage"] is False
+    assert resolve_ds_config(auto, load_config(), world_size=2)[0]["checkpoint"]["use_node_local_storage"] is False
+    # The JSON's own value governs a YAML left at its default, and the run says so.
+    adopting = load_config()
+    _, adopted = resolve_ds_config({"checkpoint": {"use_node_local_storage": True}}, adopting, 2, source="x.json")
+    assert adopting.checkpoint.use_node_local_storage is True
+    assert adopted == ["checkpoint.use_node_local_storage=true from x.json checkpoint.use_node_local_storage"]
     with pytest.raises(UserError, match=r"x\.json: checkpoint\.use_node_local_storage=true contradicts "
-                                        r"checkpoint\.use_node_local_storage \(YAML\)=false"):
-        resolve_ds_config({"checkpoint": {"use_node_local_storage": True}}, load_config(), 2, source="x.json")
+                                        r"checkpoint\.use_node_local_storage=false"):
+        resolve_ds_config({"checkpoint": {"use_node_local_storage": True}},
+                          load_config(None, ["checkpoint.use_node_local_storage=false"]), 2, source="x.json")
