@@ -77,8 +77,8 @@ class Trainer:
         with torch.device("meta"):  # the parameters' names and shapes, for a conversion between layouts
             model_shapes = SeemoreVLM(cfg.model, self.tokenizer.vocab_size)
         self.backend = build_backend(model, cfg)
-        # Processes that decoded rather than mapped the image cache, said on the console; every rank counts.
-        # and the rate they decoded at, for the data line.
+        # How many processes decoded rather than mapped the image cache, and their summed decode rate, for
+        # the console's data line; every rank counts.
         rate = data.decode.rows_per_s if data.decode else 0.0
         decoders = self.backend.all_reduce_sum(torch.tensor([float(data.decoded), rate], device=self.backend.device))
         self.is_main = self.backend.rank == 0
