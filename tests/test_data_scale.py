@@ -168,6 +168,7 @@ def test_a_decode_killed_midway_is_never_trusted(tmp_path):
     table = write_table(tmp_path / "d.csv", rows_with_bad(200))
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    semaphores_before = set(Path("/dev/shm").glob("sem.mp-*"))
     build = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(table), str(cache)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -177,6 +178,10 @@ def test_a_decode_killed_midway_is_never_trusted(tmp_path):
     finally:
         os.killpg(build.pid, signal.SIGKILL)  # the builder and its decode workers, mid-write
         build.wait(timeout=60)
+        # The kill took multiprocessing's resource tracker with it, so nothing unlinked the named
+        # semaphores the workers shared; remove them, as the tracker would have.
+        for leftover in set(Path("/dev/shm").glob("sem.mp-*")) - semaphores_before:
+            leftover.unlink(missing_ok=True)
     assert not list(cache.glob("*.json")) and not list(cache.glob("*.u8"))
     cfg = config(f"data.csv={table}")
     again = load_caption_data(cfg, cache_dir=cache)
