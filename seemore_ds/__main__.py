@@ -182,20 +182,14 @@ def cmd_plot(args) -> None:
 
 def plot_checkpoint_captions(run_dir: str, out_dir: Path) -> Path:
     """captions.png of the run's latest checkpoint on the first images of its held-out split."""
-    import torch
-
     from seemore_ds.checkpoint import load_model_for_inference
-    from seemore_ds.evaluation import generate_captions, held_out_data
-    from seemore_ds.metrics.caption_grid import CAPTIONS_FILE, write_caption_grid
-    from seemore_ds.metrics.monitor import CAPTION_SAMPLES
+    from seemore_ds.evaluation import held_out_data
+    from seemore_ds.metrics.caption_grid import CAPTIONS_FILE
+    from seemore_ds.metrics.monitor import draw_held_out_captions
 
     model, tokenizer, cfg = load_model_for_inference(run_dir)
-    data = held_out_data(cfg)
-    n = min(CAPTION_SAMPLES, len(data))
-    images = data.images_at(torch.arange(n))
-    captions = generate_captions(model, images, tokenizer)
-    return write_caption_grid(images.numpy(), captions, data.captions[:n], out_dir / CAPTIONS_FILE,
-                              f"{Path(run_dir).resolve().name}, latest checkpoint")
+    return draw_held_out_captions(model, held_out_data(cfg), tokenizer, out_dir / CAPTIONS_FILE,
+                                  f"{Path(run_dir).resolve().name}, latest checkpoint")[-1]
 
 
 def cmd_data(args) -> None:

@@ -89,11 +89,8 @@ class RunMonitor:
         ``captions.png`` (replaced at each evaluation) and, with W&B, as a table and that image."""
         if split is None:
             return
-        n = min(CAPTION_SAMPLES, len(split))
-        images = split.data.images_at(torch.arange(n)).cpu()
-        captions, references = generate_captions(model, images, tokenizer), split.data.captions[:n]
-        grid = write_caption_grid(images.numpy(), captions, references, self.run_dir / CAPTIONS_FILE,
-                                  f"{self.run_dir.name}, step {step}")
+        images, captions, references, grid = draw_held_out_captions(
+            model, split.data, tokenizer, self.run_dir / CAPTIONS_FILE, f"{self.run_dir.name}, step {step}")
         if self.wandb:
             self.wandb.log_captions(step, images, captions, references, grid)
 
@@ -101,3 +98,12 @@ class RunMonitor:
         self.trace.close()
         if self.wandb:
             self.wandb.finish(summary)
+
+
+def draw_held_out_captions(model: SeemoreVLM, data, tokenizer, out: Path, title: str):
+    """Caption the first CAPTION_SAMPLES held-out images (``data``: CaptionData) and draw them into
+    ``out``; returns (images, captions, references, out)."""
+    n = min(CAPTION_SAMPLES, len(data))
+    images = data.images_at(torch.arange(n)).cpu()
+    captions, references = generate_captions(model, images, tokenizer), data.captions[:n]
+    return images, captions, references, write_caption_grid(images.numpy(), captions, references, out, title)
