@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from seemore_ds.config_reference import markdown_reference, train_help_epilog, yaml_defaults
 from seemore_ds.errors import UserError
 from seemore_ds.preemption import Preempted
 
@@ -24,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a model (engine-free or under DeepSpeed)")
+    train = commands.add_parser("train", help="train a model (engine-free or under DeepSpeed)",
+                                description="Train a model: defaults, then --config FILE, then key=value overrides.",
+                                epilog=train_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="YAML run config (default: the built-in defaults, as in configs/default.yaml)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=50")
     train.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
@@ -84,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
     synth.add_argument("--png-dir", help="also write every image as a PNG file here")
+
+    reference = commands.add_parser("config-reference", help="print every config key with its default, what it "
+                                                              "accepts and what it does (docs/config.md)")
+    reference.add_argument("--yaml", action="store_true", help="print configs/default.yaml instead: every default, "
+                                                               "described")
 
     hostfile = commands.add_parser("hostfile", help="hostfiles for deepspeed --hostfile")
     hostfile_commands = hostfile.add_subparsers(dest="hostfile_command", required=True, metavar="HOSTFILE_COMMAND")
@@ -207,6 +215,10 @@ def cmd_data(args) -> None:
     print(f"wrote {args.n} captioned images to {args.out}" + (f" and PNGs to {args.png_dir}" if args.png_dir else ""))
 
 
+def cmd_config_reference(args) -> None:
+    print(yaml_defaults() if args.yaml else markdown_reference(), end="")
+
+
 def cmd_hostfile(args) -> None:
     from seemore_ds.hostfile import describe_hosts, read_hostfile
 
@@ -214,7 +226,8 @@ def cmd_hostfile(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "plan": cmd_plan, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot, "data": cmd_data,
-            "export": cmd_export, "hostfile": cmd_hostfile, "checkpoint": cmd_checkpoint}
+            "export": cmd_export, "hostfile": cmd_hostfile, "checkpoint": cmd_checkpoint,
+            "config-reference": cmd_config_reference}
 
 
 def main(argv: list[str] | None = None) -> int:

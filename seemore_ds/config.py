@@ -18,116 +18,128 @@ import yaml
 from seemore_ds.errors import UserError
 
 
+def option(default, doc: str):
+    """A config key: its default and the one-line description that docs/config.md and ``train --help`` show."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/default"  # every file of the run lands here
-    # A fresh run into a folder holding another run's checkpoints is refused; true moves that run aside
-    # to OUTPUT_DIR.old-N first (nothing is deleted).
-    overwrite: bool = False
+    output_dir: str = option("runs/default", "the run folder: every file of the run lands here; relative to the "
+                                             "folder the command runs in")
+    overwrite: bool = option(False, "a fresh run into a folder holding another run's checkpoints is refused; true "
+                                    "moves that run aside to OUTPUT_DIR.old-N first (nothing is deleted)")
 
 
 @dataclass
 class DataConfig:
-    # Captions tables: a file, a glob or several of them separated by commas (a YAML list also works);
-    # CSV, JSONL or Parquet, images as base64 or as file paths (docs/data.md). Empty: the built-in dataset.
-    csv: str = ""
-    val_csv: str = ""  # held-out tables, as data.csv; empty: data.val_fraction of data.csv is held out
-    on_bad_row: str = "skip"  # skip | error
-    val_fraction: float = 0.1
-    synth_n: int = 3000  # size of the built-in dataset
-    max_image_pixels: int = 64_000_000  # larger images are refused as decompression bombs
-    decode_workers: int = 0  # processes that decode the images; 0: one per core this process may use
-    # Decode the images once per node into a uint8 file every rank memory-maps, instead of once per rank.
-    cache: bool = True
-    # Empty: RUN/cache. In the run folder by default because it then goes wherever the run's files go
-    # (shared storage or each node's disk), a resumed run finds it, and deleting the run deletes it;
-    # a folder of your own shares the decoded images between runs of the same data.
-    cache_dir: str = ""
+    csv: str = option("", "captions table(s): a file, a glob or a comma-separated list (a YAML list too); CSV, "
+                          "JSONL or Parquet, images base64 or file paths (docs/data.md); empty: the built-in dataset")
+    val_csv: str = option("", "held-out table(s), as data.csv; empty: data.val_fraction of data.csv is held out")
+    on_bad_row: str = option("skip", "skip: count a bad row, report it in RUN/bad_rows.csv and go on; error: stop "
+                                     "at the first")
+    val_fraction: float = option(0.1, "held-out share, split deterministically from train.seed (unused with "
+                                      "data.val_csv)")
+    synth_n: int = option(3000, "size of the built-in dataset")
+    max_image_pixels: int = option(64_000_000, "images declaring more pixels are refused as decompression bombs")
+    decode_workers: int = option(0, "processes that decode the images; 0: one per core this process may use")
+    cache: bool = option(True, "decode the images once per node into a uint8 file every rank memory-maps; false: "
+                               "every rank decodes its own copy")
+    # In the run folder by default because it then goes wherever the run's files go (shared storage or each
+    # node's disk), a resumed run finds it, and deleting the run deletes it.
+    cache_dir: str = option("", "where that file lives; empty: RUN/cache; a folder of your own shares the decoded "
+                                "images between runs of the same data")
 
 
 @dataclass
 class ModelConfig:
-    img_size: int = 64
-    patch_size: int = 16
-    image_embed_dim: int = 128
-    num_blks: int = 3
-    n_embd: int = 128
-    n_layer: int = 4
-    n_head: int = 8
-    dropout: float = 0.0
-    max_caption_len: int = 48  # characters; longer captions are reported as bad rows
-    # "patches": the decoder sees the CLS token and every patch token (LLaVA style);
-    # "pooled": the CLS token and the patch grid average-pooled token_pool x token_pool (fewer decoder positions);
-    # "cls": only the CLS token, as in the original seemore.
-    image_tokens: str = "patches"
-    token_pool: int = 2  # with image_tokens=pooled: patches pooled into one decoder token per side
-    # "conv_stem": 3x3 stride-2 convolutions down to the patch grid; "patch": one patch_size convolution, as in seemore.
-    patch_embed: str = "conv_stem"
-    # LayerNorm on each patch embedding before the positions are added, so that the image, not the
-    # position table, dominates the ViT's input from the first step (README "It learns").
-    patch_norm: bool = True
+    img_size: int = option(64, "images are resized to img_size x img_size pixels")
+    patch_size: int = option(16, "ViT patch side; the ViT sees (img_size / patch_size)^2 patches")
+    image_embed_dim: int = option(128, "ViT width")
+    num_blks: int = option(3, "ViT blocks")
+    n_embd: int = option(128, "decoder width")
+    n_layer: int = option(4, "decoder blocks")
+    n_head: int = option(8, "attention heads, both towers")
+    dropout: float = option(0.0, "dropout everywhere")
+    max_caption_len: int = option(48, "characters; longer captions are reported as bad rows")
+    image_tokens: str = option("patches", "patches: the decoder sees the CLS token and every patch token (LLaVA "
+                                          "style); pooled: CLS + the patch grid averaged token_pool x token_pool; "
+                                          "cls: the CLS token alone, as in seemore")
+    token_pool: int = option(2, "with image_tokens=pooled: patches pooled into one decoder token, per side")
+    patch_embed: str = option("conv_stem", "conv_stem: 3x3 stride-2 convolutions (BatchNorm, ReLU) down to the patch "
+                                           "grid; patch: one patch_size convolution, as in seemore (docs/design.md)")
+    patch_norm: bool = option(True, "LayerNorm on each patch embedding before the positions are added, so that the "
+                                    "image, not the position table, dominates the ViT's input (docs/design.md)")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 32  # per rank, per micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
-    seed: int = 1337
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    backend: str = "auto"  # torch | deepspeed | auto
-    device: str = "auto"  # auto | cpu | cuda
-    resume: str = "none"  # none | auto | PATH
-    deepspeed_config: str = ""  # DeepSpeed JSON; --deepspeed_config on the command line also sets it
-    max_nonfinite_steps: int = 20  # NaN/Inf losses in a row (their updates skipped) that stop the run
-    compile: bool = False  # torch.compile the model; the first step (and the first evaluation) also compile
+    max_steps: int = option(1000, "optimizer steps")
+    batch_size: int = option(32, "samples per rank per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-3, "AdamW peak learning rate: linear warm-up, then cosine decay")
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at lr x min_lr_ratio")
+    warmup_steps: int = option(50, "optimizer steps of linear warm-up")
+    weight_decay: float = option(0.05, "AdamW weight decay (none on biases and norms)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    grad_clip: float = option(1.0, "gradient-norm clipping; 0 disables it")
+    seed: int = option(1337, "data split, built-in data, initialisation, shuffling, dropout")
+    precision: str = option("fp32", "auto | fp32 | bf16 | fp16: bf16 autocasts (CPU and GPU); fp16 autocasts "
+                                    "with loss scaling (CUDA only)")
+    backend: str = option("auto", "torch: never imports deepspeed; deepspeed; auto: deepspeed under its launcher, "
+                                  "with a DeepSpeed JSON, or on CUDA when installed")
+    device: str = option("auto", "auto: CUDA when present, else the CPU")
+    resume: str = option("none", "none: a fresh run; auto: the newest intact checkpoint in run.output_dir, if "
+                                 "any; or a checkpoint/run path (any rank count, ZeRO stage or backend)")
+    deepspeed_config: str = option("", "DeepSpeed JSON (--deepspeed_config on the command line also sets it)")
+    max_nonfinite_steps: int = option(20, "NaN/Inf losses in a row (their updates skipped) that stop the run "
+                                          "with a checkpoint; checked at log, eval and checkpoint steps")
+    compile: bool = option(False, "torch.compile the model (on a CPU needs a C++ compiler); the first step's "
+                                  "time is logged apart and left out of samples/s")
 
 
 @dataclass
 class EvalConfig:
-    every: int = 200  # steps between evaluations; 0: only at the end
-    max_batches: int = 20  # validation batches per evaluation; 0: the whole split
+    every: int = option(200, "steps between evaluations (val loss, caption exact match); 0: only at the end")
+    max_batches: int = option(20, "validation batches per evaluation; 0: the whole split")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 200  # steps between checkpoints; 0: only at the end
-    keep_last: int = 2  # older checkpoints are deleted, except the best by val loss
-    # Multi-node without storage every node sees: the first rank of each node writes the checkpoint
-    # folder on its own disk (DeepSpeed's "checkpoint": {"use_node_local_storage": true}).
-    use_node_local_storage: bool = False
+    every: int = option(200, "steps between checkpoints; 0: only at the end (the last step always saves)")
+    keep_last: int = option(2, "checkpoints kept; older ones are deleted, except the best by val loss")
+    use_node_local_storage: bool = option(False, "multi-node without storage every node sees: the first rank of "
+                                                 "each node writes the checkpoint folder on its own disk")
 
 
 @dataclass
 class LogConfig:
-    every: int = 10  # steps between rows of losses_log.csv and timing_logs.csv
-    progress: bool = True  # tqdm progress bar on the console
+    every: int = option(10, "steps between rows of losses_log.csv, timing_logs.csv and memory_log.csv")
+    progress: bool = option(True, "the progress bar on the console")
 
 
 @dataclass
 class ProfileConfig:
-    flops_step: int = 0  # optimizer step whose FLOPs are profiled into RUN/flops_profile.txt; 0: never
-    torch_trace: str = ""  # "START:END": a torch.profiler Chrome trace of those optimizer steps; empty: none
-    peak_tflops: float = 0.0  # MFU denominator per device; 0: datasheet on known GPUs, else a measured matmul
+    flops_step: int = option(0, "optimizer step whose FLOPs are profiled into RUN/flops_profile.txt; 0: never")
+    torch_trace: str = option("", "START:END: a torch.profiler Chrome trace of those optimizer steps (counted "
+                                  "from 1) in RUN/torch_trace.json; empty: none")
+    peak_tflops: float = option(0.0, "peak TFLOP/s of one device, the MFU denominator; 0: the datasheet on known "
+                                     "GPUs, else a measured matmul (cached)")
 
 
 @dataclass
 class WandbConfig:
-    enabled: bool = False
-    project: str = "seemore-ds"
-    entity: str = ""  # empty: your default W&B entity
-    name: str = ""  # empty: the run folder's name
-    tags: str = ""  # comma-separated
-    group: str = ""  # empty: no W&B group
-    mode: str = "online"  # online | offline (online without an API key falls back to offline)
+    enabled: bool = option(False, "log every CSV column, the config and sample captions to Weights & Biases "
+                                  "(rank 0)")
+    project: str = option("seemore-ds", "W&B project")
+    entity: str = option("", "W&B entity; empty: your default")
+    name: str = option("", "W&B run name; empty: the run folder's name")
+    tags: str = option("", "comma-separated W&B tags")
+    group: str = option("", "W&B group; empty: none")
+    mode: str = option("online", "online: stream to W&B (without an API key: offline, said in one line); offline: "
+                                 "RUN/wandb only, to `wandb sync` later")
 
 
 @dataclass
@@ -160,6 +172,22 @@ CHOICES = {
 }
 
 
+# The bounds of numeric keys, checked by validate() and listed in docs/config.md.
+POSITIVE_KEYS = (
+    "model.img_size", "model.patch_size", "model.image_embed_dim", "model.num_blks", "model.n_embd", "model.n_layer",
+    "model.n_head", "model.max_caption_len", "model.token_pool", "train.max_steps", "train.batch_size",
+    "train.grad_accum", "data.synth_n", "data.max_image_pixels", "log.every", "train.max_nonfinite_steps",
+)
+NON_NEGATIVE_KEYS = (
+    "train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "eval.every", "eval.max_batches",
+    "checkpoint.every", "checkpoint.keep_last", "data.decode_workers", "train.eps", "profile.flops_step",
+    "profile.peak_tflops",
+)
+
+FRACTION_KEYS = {"model.dropout": "[0, 1)", "data.val_fraction": "[0, 1)", "train.min_lr_ratio": "[0, 1]",
+                 "train.beta1": "[0, 1)", "train.beta2": "[0, 1)"}
+
+
 LIST_KEYS = ("data.csv", "data.val_csv")  # string keys that a YAML list may give, joined with commas
 
 
@@ -172,6 +200,11 @@ def all_keys(cfg: Config | None = None) -> dict[str, type]:
         for f in dataclasses.fields(getattr(cfg, section.name)):
             keys[f"{section.name}.{f.name}"] = hints[f.name]
     return keys
+
+
+def _value(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def _coerce(key: str, value, expected: type):
@@ -291,31 +324,16 @@ def save_config(cfg: Config, path: Path) -> None:
 def validate(cfg: Config) -> None:
     """Every check of a config value; the first problem found is raised as a UserError."""
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _value(cfg, key)
         if value not in allowed:
             raise UserError(f"config key {key} must be one of {', '.join(allowed)}, got {value!r}")
+    for key in POSITIVE_KEYS:
+        if _value(cfg, key) <= 0:
+            raise UserError(f"config key {key} must be positive, got {_value(cfg, key)}")
+    for key in NON_NEGATIVE_KEYS:
+        if _value(cfg, key) < 0:
+            raise UserError(f"config key {key} must be zero or more, got {_value(cfg, key)}")
     m, t = cfg.model, cfg.train
-    positive = {
-        "model.img_size": m.img_size, "model.patch_size": m.patch_size, "model.image_embed_dim": m.image_embed_dim,
-        "model.num_blks": m.num_blks, "model.n_embd": m.n_embd, "model.n_layer": m.n_layer, "model.n_head": m.n_head,
-        "model.max_caption_len": m.max_caption_len, "model.token_pool": m.token_pool, "train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
-        "train.grad_accum": t.grad_accum, "data.synth_n": cfg.data.synth_n, "data.max_image_pixels": cfg.data.max_image_pixels,
-        "log.every": cfg.log.every, "train.max_nonfinite_steps": t.max_nonfinite_steps,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"config key {key} must be positive, got {value}")
-    non_negative = {
-        "train.lr": t.lr, "train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
-        "train.grad_clip": t.grad_clip, "eval.every": cfg.eval.every, "eval.max_batches": cfg.eval.max_batches,
-        "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "data.decode_workers": cfg.data.decode_workers,
-        "train.eps": t.eps, "profile.flops_step": cfg.profile.flops_step, "profile.peak_tflops": cfg.profile.peak_tflops,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"config key {key} must be zero or more, got {value}")
     if m.img_size % m.patch_size:
         raise UserError(f"model.img_size ({m.img_size}) must be a multiple of model.patch_size ({m.patch_size})")
     grid = m.img_size // m.patch_size
@@ -326,15 +344,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.image_embed_dim % m.n_head:
         raise UserError(f"model.image_embed_dim ({m.image_embed_dim}) must be divisible by model.n_head ({m.n_head})")
-    if not 0 <= m.dropout < 1:
-        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    for key, beta in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
-        if not 0 <= beta < 1:
-            raise UserError(f"config key {key} must be in [0, 1), got {beta}")
+    for key, interval in FRACTION_KEYS.items():
+        value = _value(cfg, key)
+        if not (0 <= value < 1 or (interval == "[0, 1]" and value == 1)):
+            raise UserError(f"config key {key} must be in {interval}, got {value}")
     trace = trace_steps(cfg.profile.torch_trace)
     for key, first_step in (("profile.flops_step", cfg.profile.flops_step), ("profile.torch_trace", trace and trace[0])):
         if first_step and first_step > t.max_steps:
