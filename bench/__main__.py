@@ -3,7 +3,7 @@
     python -m bench [--parts throughput,mfu,data,cache,engine,scaling] [--device cpu] [--precisions fp32,bf16]
                     [--no-compile] [--steps 4] [--rounds 2] [--batch-size 16]
 
-Prints one JSON line per figure as it is measured, then a Markdown table per part for the README.
+Prints one JSON line per figure as it is measured, then a Markdown table per part for docs/performance.md.
 Loops compared with each other take turns in rounds inside one process, so machine noise hits
 them alike and the ratios hold even on a busy machine; absolute figures do not. By default on a CPU
 bf16 runs only where the CPU multiplies bf16 at least as fast as fp32 (see ``default_precisions``).

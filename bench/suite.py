@@ -1,7 +1,7 @@
 """The parts of ``python -m bench``: each measures in one process, in turns, and returns its figures as rows.
 
 A row is a dict printed as one JSON line; ``bench`` names the figure. Every part also returns a
-Markdown table for the README.
+Markdown table for docs/performance.md.
 """
 
 from __future__ import annotations

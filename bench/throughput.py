@@ -5,7 +5,7 @@
 Both loops train the same sizes (img_size 96, patch_size 16, image_embed_dim 512, num_blks 3,
 n_embd 128, n_layer 8, n_head 8, captions of at most 32 characters) on the same images. The
 loops take turns in rounds so that machine noise hits both alike; each prints one JSON line and
-the ratios come from the same run. Ends with a Markdown table for the README.
+the ratios come from the same run. Ends with a Markdown table for docs/performance.md.
 """
 
 from __future__ import annotations

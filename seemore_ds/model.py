@@ -125,7 +125,7 @@ class ConvStem(nn.Module):
         layers, channels = [], 3
         for i in range(halvings):
             width = max(dim >> (halvings - 1 - i), 16)
-            # BatchNorm: without it this stem learns shapes no faster than the single patch conv (README).
+            # BatchNorm: without it this stem learns shapes no faster than the single patch conv (docs/design.md).
             layers += [nn.Conv2d(channels, width, kernel_size=3, stride=2, padding=1, bias=False),
                        BatchNorm2d(width), nn.ReLU()]
             channels = width
@@ -210,7 +210,7 @@ class SeemoreVLM(nn.Module):
         self.decoder = Decoder(cfg, vocab_size, self.num_image_tokens + self.text_len)
         self.apply(self._init_weights)
         # Learned positions start from the 2-D sine-cosine table: at N(0, 0.02) they are drowned by the
-        # patch embeddings and the model confuses left with right for hundreds of steps (README).
+        # patch embeddings and the model confuses left with right for hundreds of steps (docs/design.md).
         with torch.no_grad():
             self.vit.pos_embed.copy_(sincos_2d(cfg.img_size // cfg.patch_size, cfg.image_embed_dim))
         nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
