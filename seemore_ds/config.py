@@ -67,9 +67,11 @@ class ModelConfig:
                                           "cls: the CLS token alone, as in seemore")
     token_pool: int = option(2, "with image_tokens=pooled: patches pooled into one decoder token, per side")
     patch_embed: str = option("conv_stem", "conv_stem: 3x3 stride-2 convolutions (BatchNorm, ReLU) down to the patch "
-                                           "grid; patch: one patch_size convolution, as in seemore (docs/design.md)")
+                                           "grid; patch: one patch_size convolution, as in seemore (docs/design.md); "
+                                           "checkpoints written before this key existed load as patch")
     patch_norm: bool = option(True, "LayerNorm on each patch embedding before the positions are added, so that the "
-                                    "image, not the position table, dominates the ViT's input (docs/design.md)")
+                                    "image, not the position table, dominates the ViT's input (docs/design.md); "
+                                    "checkpoints written before this key existed load as false")
 
 
 @dataclass
@@ -95,9 +97,10 @@ class TrainConfig:
                                  "any; or a checkpoint/run path (any rank count, ZeRO stage or backend)")
     deepspeed_config: str = option("", "DeepSpeed JSON (--deepspeed_config on the command line also sets it)")
     max_nonfinite_steps: int = option(20, "NaN/Inf losses in a row (their updates skipped) that stop the run "
-                                          "with a checkpoint; checked at log, eval and checkpoint steps")
+                                          "with a checkpoint; checked at log, eval and checkpoint steps, so the "
+                                          "stop may come up to log.every - 1 steps later")
     compile: bool = option(False, "torch.compile the model (on a CPU needs a C++ compiler); the first step's "
-                                  "time is logged apart and left out of samples/s")
+                                  "time is logged apart (compile: step 1 took ... s) and left out of samples/s")
 
 
 @dataclass
@@ -109,7 +112,8 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = option(200, "steps between checkpoints; 0: only at the end (the last step always saves)")
-    keep_last: int = option(2, "checkpoints kept; older ones are deleted, except the best by val loss")
+    keep_last: int = option(2, "checkpoints kept; older ones are deleted, except the one checkpoints/best names "
+                                  "(best moves only to a better val loss)")
     use_node_local_storage: bool = option(False, "multi-node without storage every node sees: the first rank of "
                                                  "each node writes the checkpoint folder on its own disk")
 
