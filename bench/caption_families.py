@@ -3,7 +3,7 @@ CSVs by our own code (no downloads). Every caption word is read from the pixels.
 
 - shapes: the built-in data (size, colour, shape, place of one shape on a speckled grey ground)
 - polygons: one to three polygons of one kind on a random colour, captioned by count and kind only
-- relations: two shapes and where the first lies relative to the second ("the red circle is left of the blue square")
+- relations: two shapes and where the larger lies relative to the smaller ("the red circle is left of the blue square")
 - glyphs: two to four digits and capital letters drawn in a bitmap font, captioned by what they read
 - textures: a whole-image pattern (stripes of three orientations, checks, dots), coarse or fine, in one colour
 - clutter: one to five red dots among grey and blue distractors, captioned by the red count
@@ -50,17 +50,19 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half: flo
 
 
 def relations(rng: random.Random) -> Example:
+    """The larger shape is named first, so that one caption fits each image: with either shape first,
+    "the red circle is left of the blue square" and "the blue square is right of the red circle" would
+    describe the same picture and no model could tell which the caption says."""
     img = Image.new("RGB", (SIDE, SIDE), (235, 235, 235))
     draw = ImageDraw.Draw(img)
     (c1, c2), (s1, s2) = rng.sample(["red", "green", "blue", "yellow"], 2), rng.sample(["circle", "square", "triangle"], 2)
     relation = rng.choice(["left of", "right of", "above", "below"])
-    half = SIDE * 0.11
     near, far, along = rng.uniform(0.2, 0.35) * SIDE, rng.uniform(0.65, 0.8) * SIDE, rng.uniform(0.2, 0.8) * SIDE
     jitter = rng.uniform(-0.08, 0.08) * SIDE
     first, second = {"left of": ((near, along), (far, along + jitter)), "right of": ((far, along), (near, along + jitter)),
                      "above": ((along, near), (along + jitter, far)), "below": ((along, far), (along + jitter, near))}[relation]
-    _draw(draw, s1, *first, half, COLORS[c1])
-    _draw(draw, s2, *second, half, COLORS[c2])
+    _draw(draw, s1, *first, SIDE * 0.13, COLORS[c1])
+    _draw(draw, s2, *second, SIDE * 0.08, COLORS[c2])
     return img, f"the {c1} {s1} is {relation} the {c2} {s2}"
 
 

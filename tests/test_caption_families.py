@@ -18,3 +18,30 @@ def test_family_csv_loads_whole_and_is_a_task(family, tmp_path):
     assert len(set(data.captions)) >= 5  # no caption a model could learn without looking
     assert data.images.float().std() > 10  # images with content, not a flat colour
     assert write_family_csv(family, tmp_path / "again.csv", n=60, seed=0).read_bytes() == path.read_bytes()
+
+
+def test_relations_caption_is_read_from_the_pixels():
+    """Which shape a relations caption names first must show in the image (the larger one): a caption
+    the picture does not settle caps exact match at what guessing gets. A reader of colours, areas and
+    centroids recovers every caption's colours and relation."""
+    import random
+
+    import numpy as np
+
+    from bench.caption_families import relations
+    from seemore_ds.data.synthetic import COLORS
+
+    rng = random.Random(0)
+    for _ in range(200):
+        image, caption = relations(rng)
+        pixels = np.asarray(image).astype(int)
+        blobs = []  # (area, centroid x, centroid y, colour) of each shape colour present
+        for name, rgb in COLORS.items():
+            ys, xs = np.nonzero((np.abs(pixels - rgb).sum(axis=2) == 0))
+            if len(xs):
+                blobs.append((len(xs), xs.mean(), ys.mean(), name))
+        (_, x1, y1, first), (_, x2, y2, second) = sorted(blobs, reverse=True)
+        dx, dy = x1 - x2, y1 - y2
+        relation = ("left of" if dx < 0 else "right of") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
+        words = caption.split()
+        assert (words[1], words[4], words[-2]) == (first, relation.split()[0], second), caption
