@@ -46,7 +46,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from seemore_ds.config import load_config
 from seemore_ds.data.dataset import load_caption_data
 from seemore_ds.data.decoding import default_workers
-from seemore_ds.profiling import MIB
+from seemore_ds.profiling.memory import MIB
 
 REPO = Path(__file__).resolve().parent.parent
 DISTINCT_IMAGES = 500  # encoded once and repeated with new captions: decoding costs the same

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from bench.throughput import SEEMORE_SIZES, OurLoop, StraightforwardLoop, bench_data, seemore_config, time_in_turns
-from seemore_ds.profiling import mfu, peak_tflops
+from seemore_ds.profiling.peak import peak_tflops
+from seemore_ds.profiling.throughput import mfu
 from seemore_ds.trainer import train
 
 # image_embed_dim = n_embd = 768, 6 + 6 blocks, 12 heads, patch 8 on 96 px images: 89M parameters.
