@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed import ReduceOp
@@ -13,6 +14,9 @@ from seemore_ds.errors import UserError
 from seemore_ds.data.dataset import Batch, TokenizedSplit, load_caption_data, load_held_out
 from seemore_ds.model import IGNORE_INDEX, SeemoreVLM
 from seemore_ds.tokenizer import CharTokenizer
+
+if TYPE_CHECKING:
+    from seemore_ds.backends.base import Backend
 
 
 @torch.no_grad()
@@ -33,7 +37,7 @@ def _summed_loss(batches: Iterable[Batch], eval_loss: Callable[[Batch], tuple[to
     return total
 
 
-def split_loss(backend, split: TokenizedSplit, batch_size: int, max_batches: int = 0) -> float:
+def split_loss(backend: Backend, split: TokenizedSplit, batch_size: int, max_batches: int = 0) -> float:
     """Token-weighted mean loss over (up to ``max_batches`` of) each rank's share, averaged over ranks.
     Every rank calls it, inside ``backend.full_model()``."""
     batches = split.sequential_batches(batch_size, backend.rank, backend.world_size, max_batches)

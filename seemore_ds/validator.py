@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch.distributed import ReduceOp
 
+from seemore_ds.backends.base import Backend
 from seemore_ds.config import Config
 from seemore_ds.data.dataset import TokenizedSplit
 from seemore_ds.evaluation import caption_matches, generate_captions, split_loss
@@ -20,7 +21,7 @@ CAPTION_SAMPLES = 16  # held-out images captioned into captions.png (and W&B) at
 
 
 class Validator:
-    def __init__(self, cfg: Config, backend, split: TokenizedSplit | None, tokenizer: CharTokenizer, is_main: bool):
+    def __init__(self, cfg: Config, backend: Backend, split: TokenizedSplit | None, tokenizer: CharTokenizer, is_main: bool):
         """``split``: the held-out rows, or None when the run has none (then it never runs)."""
         self.cfg, self.backend, self.split, self.tokenizer, self.is_main = cfg, backend, split, tokenizer, is_main
         self.run_dir = Path(cfg.run.output_dir)

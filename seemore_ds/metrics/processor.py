@@ -62,7 +62,7 @@ class MetricsProcessor:
         self.step_start = self.data_s = self.step_s = 0.0
         self.train_loss: float | None = None  # as of the last row
         self.validation: Validation | None = None  # the last one of this process
-        self.start_s = time.perf_counter()
+        self.start_s = time.perf_counter()  # restarted at the first step
         self.bar = None
         self.peak_tflops = None
         self.wandb = None
@@ -102,7 +102,8 @@ class MetricsProcessor:
 
     def start_step(self, step: int) -> None:
         """``step`` (counted from 1) is about to fetch its data and run."""
-        if self.bar is None:  # from the first step on: the set-up's console lines come before it
+        if self.bar is None:  # from the first step on: the set-up's lines come before it, its time is not counted
+            self.start_s = time.perf_counter()
             self.bar = tqdm(total=self.cfg.train.max_steps, initial=step - 1, desc="train", unit="step",
                             disable=not (self.is_main and self.cfg.log.progress), dynamic_ncols=True, mininterval=0.5)
         if self.is_main:
