@@ -53,7 +53,9 @@ def with_absolute_data(cfg: Config) -> Config:
     """A copy of ``cfg`` whose data files are absolute paths, so that its saved config finds the data from
     any working directory; ``cfg`` itself is left as loaded."""
     data = dataclasses.replace(cfg.data, csv=absolute_spec(cfg.data.csv), val_csv=absolute_spec(cfg.data.val_csv))
-    return dataclasses.replace(cfg, data=data)
+    copy = dataclasses.replace(cfg, data=data)
+    copy.explicit_keys = cfg.explicit_keys  # which keys the user set: not a field, so replace() drops it
+    return copy
 
 
 class Trainer:
