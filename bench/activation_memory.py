@@ -19,7 +19,7 @@ from seemore_ds.backends.deepspeed_backend import select_accelerator
 from seemore_ds.config import ModelConfig
 from seemore_ds.data.dataset import Batch
 from seemore_ds.model import SeemoreVLM
-from seemore_ds.profiling import MIB
+from seemore_ds.profiling.memory import MIB
 
 VOCAB = 40
 TINY = dict(img_size=16, patch_size=8, image_embed_dim=32, num_blks=1, n_embd=32, n_layer=1, n_head=2)

@@ -46,7 +46,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from seemore_ds.config import load_config
 from seemore_ds.data.dataset import load_caption_data
 from seemore_ds.data.decoding import default_workers
-from seemore_ds.profiling import MIB
+from seemore_ds.metrics.csv_log import TIMING_FILE
+from seemore_ds.profiling.memory import MIB
 
 REPO = Path(__file__).resolve().parent.parent
 DISTINCT_IMAGES = 500  # encoded once and repeated with new captions: decoding costs the same
@@ -139,7 +140,7 @@ def first_step(csv_path: Path, cache_dir: Path, run_dir: Path, img_size: int, st
            f"run.output_dir={run_dir}", f"model.img_size={img_size}", "train.backend=torch", "train.device=cpu",
            "train.max_steps=1000000", "eval.every=0", "checkpoint.every=0", "log.every=1", "log.progress=false"]
     shutil.rmtree(run_dir, ignore_errors=True)
-    log = run_dir / "timing_logs.csv"
+    log = run_dir / TIMING_FILE
     start = time.perf_counter()
     process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONPATH": str(REPO)})

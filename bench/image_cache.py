@@ -30,7 +30,7 @@ from seemore_ds.config import load_config
 from seemore_ds.data.csv_reader import write_caption_csv
 from seemore_ds.data.dataset import load_caption_data, split_train_val
 from seemore_ds.data.synthetic import synthetic_dataset
-from seemore_ds.profiling import MIB
+from seemore_ds.profiling.memory import MIB
 
 SCENARIOS = ("off", "build", "map")
 

@@ -22,7 +22,7 @@ from bench.launch import launch_module
 from bench.zero_memory import SIZES, train_and_measure
 from seemore_ds.config import ModelConfig
 from seemore_ds.plan import Choice, activation_bytes, estimate
-from seemore_ds.profiling import MIB
+from seemore_ds.profiling.memory import MIB
 
 MODEL_SIZES = {
     "small": dict(img_size=32, patch_size=8, image_embed_dim=128, num_blks=2, n_embd=128, n_layer=4, n_head=4, dropout=0.0),

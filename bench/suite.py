@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from bench.throughput import SEEMORE_SIZES, OurLoop, StraightforwardLoop, bench_data, seemore_config, time_in_turns
-from seemore_ds.profiling import mfu, peak_tflops
+from seemore_ds.metrics.csv_log import TIMING_FILE
+from seemore_ds.profiling.peak import peak_tflops
+from seemore_ds.profiling.throughput import mfu
 from seemore_ds.trainer import train
 
 # image_embed_dim = n_embd = 768, 6 + 6 blocks, 12 heads, patch 8 on 96 px images: 89M parameters.
@@ -110,7 +112,7 @@ def data_part(batch_size: int, steps: int, device: str) -> tuple[list[dict], str
         cfg.run.output_dir = str(Path(tmp) / "run")
         with contextlib.redirect_stdout(sys.stderr):  # the trainer's console lines are not figures
             train(cfg)
-        with open(Path(cfg.run.output_dir) / "timing_logs.csv", newline="", encoding="utf-8") as handle:
+        with open(Path(cfg.run.output_dir) / TIMING_FILE, newline="", encoding="utf-8") as handle:
             timings = list(csv.DictReader(handle))[1:]  # the first step also allocates
     data_s = sum(float(t["data_s"]) for t in timings)
     step_s = sum(float(t["step_s"]) for t in timings)

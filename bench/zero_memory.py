@@ -29,7 +29,7 @@ from collections import defaultdict
 import torch
 
 from bench.launch import REPO, launch_module
-from seemore_ds.profiling import MIB
+from seemore_ds.profiling.memory import MIB
 
 SIZES = dict(img_size=32, patch_size=8, image_embed_dim=512, num_blks=4, n_embd=512, n_layer=12, n_head=8, dropout=0.0)
 

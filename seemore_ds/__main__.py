@@ -193,7 +193,7 @@ def plot_checkpoint_captions(run_dir: str, out_dir: Path) -> Path:
     from seemore_ds.checkpoint import load_model_for_inference
     from seemore_ds.evaluation import held_out_data
     from seemore_ds.metrics.caption_grid import CAPTIONS_FILE
-    from seemore_ds.metrics.monitor import draw_held_out_captions
+    from seemore_ds.validator import draw_held_out_captions
 
     model, tokenizer, cfg = load_model_for_inference(run_dir)
     return draw_held_out_captions(model, held_out_data(cfg), tokenizer, out_dir / CAPTIONS_FILE,

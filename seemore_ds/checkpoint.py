@@ -373,7 +373,7 @@ class CheckpointManager:
         elif existing is not None:
             self.say(f"resuming {folder} ({saved.describe()}) through its universal form {existing} "
                      f"on this run ({here.describe()})")
-        failed = backend.all_reduce_sum(torch.tensor([float(bool(failure))], device=backend.device))
+        failed = backend.all_reduce(torch.tensor([float(bool(failure))], device=backend.device), torch.distributed.ReduceOp.SUM)
         if failure:
             raise UserError(failure)
         if failed.item():

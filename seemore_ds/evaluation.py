@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
 import torch
+from torch.distributed import ReduceOp
 
 from seemore_ds.config import Config
 from seemore_ds.errors import UserError
 from seemore_ds.data.dataset import Batch, TokenizedSplit, load_caption_data, load_held_out
 from seemore_ds.model import IGNORE_INDEX, SeemoreVLM
 from seemore_ds.tokenizer import CharTokenizer
+
+if TYPE_CHECKING:
+    from seemore_ds.backends.base import Backend
 
 
 @torch.no_grad()
@@ -19,30 +27,29 @@ def token_loss_sum(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return loss.float() * n_tokens, n_tokens
 
 
-class SingleProcessEvaluator:
-    """What ``split_loss`` needs of a backend, for a bare model in one process (the eval command)."""
-
-    rank, world_size = 0, 1
-
-    def __init__(self, model: SeemoreVLM):
-        self.module = model
-        self.device = next(model.parameters()).device
-
-    def eval_loss(self, batch: Batch):
-        self.module.eval()
-        return token_loss_sum(self.module, batch.to(self.device))
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-
-def split_loss(backend, split: TokenizedSplit, batch_size: int, max_batches: int = 0) -> float:
-    """Token-weighted mean loss over (up to ``max_batches`` of) each rank's share, averaged over ranks."""
-    total = torch.zeros(2, dtype=torch.float64, device=backend.device)
-    for batch in split.sequential_batches(batch_size, backend.rank, backend.world_size, max_batches):
-        loss_sum, n_tokens = backend.eval_loss(batch)
+def _summed_loss(batches: Iterable[Batch], eval_loss: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]],
+                 device: torch.device) -> torch.Tensor:
+    """(sum of token losses, number of tokens) over ``batches``, as float64 on ``device``."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        loss_sum, n_tokens = eval_loss(batch)
         total += torch.stack([loss_sum.double(), n_tokens.double()])
-    total = backend.all_reduce_sum(total)
+    return total
+
+
+def split_loss(backend: Backend, split: TokenizedSplit, batch_size: int, max_batches: int = 0) -> float:
+    """Token-weighted mean loss over (up to ``max_batches`` of) each rank's share, averaged over ranks.
+    Every rank calls it, inside ``backend.full_model()``."""
+    batches = split.sequential_batches(batch_size, backend.rank, backend.world_size, max_batches)
+    total = backend.all_reduce(_summed_loss(batches, backend.eval_loss, backend.device), ReduceOp.SUM)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def model_loss(model: SeemoreVLM, split: TokenizedSplit, batch_size: int) -> float:
+    """Token-weighted mean loss of a bare model over the whole split, in this one process (the eval command)."""
+    device = next(model.parameters()).device
+    model.eval()
+    total = _summed_loss(split.sequential_batches(batch_size, 0, 1), lambda b: token_loss_sum(model, b.to(device)), device)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
@@ -81,14 +88,13 @@ def evaluate_checkpoint(model: SeemoreVLM, tokenizer: CharTokenizer, cfg: Config
                         batch_size: int) -> dict:
     """val_loss, caption_exact_match and n on a CSV (bad rows skipped and counted) or the run's held-out split."""
     if csv_path:
-        cfg.data.on_bad_row = "skip"
-        data = load_caption_data(cfg, csv_path)
+        data = load_caption_data(replace(cfg, data=replace(cfg.data, on_bad_row="skip")), csv_path)
         source = csv_path
     else:
         data = held_out_data(cfg)
         source = data.source if cfg.data.val_csv else f"held-out split of {data.source}"
     split = TokenizedSplit(data, tokenizer, model.text_len)
-    val_loss = split_loss(SingleProcessEvaluator(model), split, batch_size)
+    val_loss = model_loss(model, split, batch_size)
     matches, n = caption_matches(model, split, tokenizer, batch_size=batch_size)
     return {"val_loss": val_loss, "caption_exact_match": matches / n, "n": n,
             "skipped_rows": len(data.bad_rows), "source": source}

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.distributed import ReduceOp
 
 from seemore_ds.backends import launched_by_deepspeed, train_arguments
-from seemore_ds.backends.base import StepStats
+from seemore_ds.backends.base import Backend, StepStats
 from seemore_ds.config import TrainConfig
 from seemore_ds.errors import UserError
 from seemore_ds.preemption import Preempted, StopSignals, exit_code
@@ -42,16 +43,10 @@ class Halt:
 class StepGuard:
     """Counts non-finite losses in a row and watches for stop signals, identically on every rank."""
 
-    def __init__(self, backend, train_cfg: TrainConfig, say, start_step: int = 0, skipped_steps: int = 0):
+    def __init__(self, backend: Backend, train_cfg: TrainConfig, say, start_step: int = 0, skipped_steps: int = 0):
         self.backend, self.lr, self.max_nonfinite_steps = backend, train_cfg.lr, train_cfg.max_nonfinite_steps
         self.say = say  # prints on rank 0
         self.signals = StopSignals()  # installed by the caller around the training loop
-        # Signals are host flags: agreeing on them over a CPU (gloo) group reads no device tensor. The default
-        # group serves when it is gloo already (CPU ranks); a second one would be one more set of sockets.
-        self.signal_group = None
-        if backend.world_size > 1:
-            default_is_gloo = torch.distributed.get_backend() == "gloo"
-            self.signal_group = torch.distributed.group.WORLD if default_is_gloo else torch.distributed.new_group(backend="gloo")
         self.skipped_steps = skipped_steps  # skipped updates of the whole run, as of the last read
         self.nonfinite_halt: Halt | None = None
 
@@ -66,10 +61,8 @@ class StepGuard:
 
     def count(self, step: int, stats: StepStats) -> None:
         """Tally ``step`` on the device, without a host sync."""
-        nonfinite = stats.nonfinite.long()
-        if self.backend.world_size > 1:  # a NaN on any rank counts; queued on the device like the step itself.
-            # A plain collective: the backend's all_reduce_sum also gathers the weights under ZeRO-3.
-            torch.distributed.all_reduce(nonfinite, op=torch.distributed.ReduceOp.MAX)
+        # A NaN on any rank counts; queued on the device like the step itself.
+        nonfinite = self.backend.all_reduce(stats.nonfinite.long(), ReduceOp.MAX)
         self.in_a_row.mul_(nonfinite).add_(nonfinite)
         reached = (self.limit_step == 0) & (self.in_a_row >= self.max_nonfinite_steps)
         self.limit_step.copy_(torch.where(reached, step, self.limit_step))
@@ -107,13 +100,11 @@ class StepGuard:
         return skipped
 
     def _agreed_signal(self) -> int:
-        """The stop signal any rank received, or 0."""
+        """The stop signal any rank received, or 0. A host flag: agreeing on it reads no device tensor."""
         signum = self.signals.received or 0
-        if self.signal_group is None:
+        if self.backend.world_size == 1:  # nothing to agree on, and no tensor to build at every step
             return signum
-        flag = torch.tensor([signum])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.signal_group)
-        return int(flag[0])
+        return int(self.backend.all_reduce(torch.tensor([signum]), ReduceOp.MAX)[0])
 
     def after_step(self, step: int) -> Halt | None:
         """The reason to stop now, if any: a run of non-finite losses found by the last read, or a signal."""

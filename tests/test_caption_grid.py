@@ -13,7 +13,7 @@ from seemore_ds.checkpoint import load_model_for_inference
 from seemore_ds.evaluation import generate_captions, held_out_data
 from seemore_ds.metrics.caption_grid import (CAPTIONS_FILE, CAPTIONS_METADATA_KEY, WRONG_COLOR, caption_grid_figure,
                                              write_caption_grid)
-from seemore_ds.metrics.monitor import CAPTION_SAMPLES
+from seemore_ds.validator import CAPTION_SAMPLES
 
 
 def solid_images(n: int, size: int = 8) -> np.ndarray:

@@ -2,7 +2,8 @@ import json
 
 import torch
 
-from seemore_ds import profiling
+from seemore_ds.profiling import peak as profiling
+from seemore_ds.profiling.throughput import mfu
 
 
 def test_known_gpu_peaks_match_longest_name_first():
@@ -14,7 +15,7 @@ def test_known_gpu_peaks_match_longest_name_first():
 
 
 def test_cpu_peak_is_measured_once_then_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(profiling, "CACHE_FILE", tmp_path / "peak.json")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # read at the call, not when the module was imported
     measured = []
     real = profiling.measure_matmul_tflops
     monkeypatch.setattr(profiling, "measure_matmul_tflops",
@@ -23,10 +24,10 @@ def test_cpu_peak_is_measured_once_then_cached(tmp_path, monkeypatch):
     second, _ = profiling.peak_tflops(torch.device("cpu"), "fp32")
     assert measured == [torch.float32] and first == second > 0
     assert "measured fp32 matmul" in source
-    assert list(json.loads((tmp_path / "peak.json").read_text()).values()) == [first]
+    assert list(json.loads((tmp_path / "seemore_ds" / "matmul_peak.json").read_text()).values()) == [first]
 
 
 def test_override_wins_and_mfu_is_achieved_over_peak():
     assert profiling.peak_tflops(torch.device("cpu"), "fp32", override=2.0) == (2.0, "set by profile.peak_tflops")
     # 100 samples/s x 5 GFLOP = 0.5 TFLOP/s of a 2 TFLOP/s peak
-    assert abs(profiling.mfu(100, 5e9, 2.0) - 0.25) < 1e-12
+    assert abs(mfu(100, 5e9, 2.0) - 0.25) < 1e-12

@@ -1,23 +1,27 @@
-"""What the trainer needs from a backend: one optimizer step, an eval loss, save and load.
+"""What the trainer needs from a backend: one optimizer step, the full model, collectives, save and load.
 
-A backend owns the model, optimizer, LR schedule and precision handling; the trainer loop is
-written once against this interface and holds no backend-specific branches.
+A backend owns the model, optimizer, LR schedule, precision handling and process group; the trainer
+loop (and evaluation, the checkpoint manager and the step guard) is written once against the
+``Backend`` protocol below and holds no backend-specific branches. Every method marked "every rank
+calls it" is a collective: a rank that skips it leaves the others waiting.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
+from torch.distributed import ReduceOp
 
 from seemore_ds.data.dataset import Batch
 from seemore_ds.errors import UserError
 
-# Reduced-precision dtype of each train.precision; fp32 has none.
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    from seemore_ds.checkpoint import WrittenBy
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,24 +57,73 @@ class StepStats:
     loss_scale: float | None = None  # fp16 dynamic loss scale after the step, at timed steps
 
 
+@dataclass
+class MicroBatchTotals:
+    """What the micro-batch loop of one optimizer step measured."""
+
+    loss: torch.Tensor  # mean over the micro-batches, on the device
+    forward_s: float
+    backward_s: float
+    step_s: float  # in the per-micro-batch step (DeepSpeed's engine.step); 0 without one
+
+
+def run_micro_batches(micro_batches: list[Batch], device: torch.device, timed: bool,
+                      forward: Callable[[Batch], torch.Tensor], backward: Callable[[torch.Tensor], None],
+                      step: Callable[[bool], None] | None = None) -> MicroBatchTotals:
+    """The loop of one optimizer step, the same for every backend: each micro-batch to the device, its
+    ``forward`` (-> loss), ``backward`` and, where the engine wants one per micro-batch, ``step(last)``;
+    phases timed (after a device sync) only when ``timed``. The loss stays on the device."""
+    forward_s = backward_s = step_s = 0.0
+    total_loss = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        batch = batch.to(device)
+        t0 = timestamp(device, timed)
+        loss = forward(batch)
+        t1 = timestamp(device, timed)
+        backward(loss)
+        t2 = timestamp(device, timed)
+        if step is not None:
+            step(i == len(micro_batches) - 1)
+        t3 = timestamp(device, timed) if step is not None else t2
+        forward_s, backward_s, step_s = forward_s + t1 - t0, backward_s + t2 - t1, step_s + t3 - t2
+        total_loss += loss.detach().float()
+    return MicroBatchTotals(total_loss / len(micro_batches), forward_s, backward_s, step_s)
+
+
 class Backend(Protocol):
-    module: torch.nn.Module  # the bare SeemoreVLM (for generate, eval, export)
+    """The interface the trainer, evaluation, the checkpoint manager, the step guard and export use."""
+
+    module: torch.nn.Module  # this rank's SeemoreVLM, for its structure and sizes; under ZeRO-3 its parameters
+    # are partitions, so read the weights through ``full_model()``
     device: torch.device
     rank: int
     world_size: int
+    precision: str  # the precision this run trains in: fp32 | bf16 | fp16
 
     def train_step(self, micro_batches: list[Batch], timed: bool) -> StepStats:
         """Forward, backward and one optimizer step over ``grad_accum`` micro-batches; ``timed``: a log step,
-        whose phases are timed and whose figures are read."""
+        whose phases are timed and whose figures are read. Every rank calls it."""
+
+    def full_model(self) -> AbstractContextManager[torch.nn.Module]:
+        """``with backend.full_model() as model:`` the whole SeemoreVLM with the current weights, for
+        evaluation and generation. Every rank enters it: under ZeRO-3 entering gathers the partitioned
+        parameters (into a copy kept until the next step, so ranks with unequal work then never wait on
+        each other)."""
 
     def eval_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of token losses, number of tokens) for one batch, without gradients."""
+        """(sum of token losses, number of tokens) for one batch, without gradients, at the training
+        precision; only inside ``full_model()``."""
+
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp.RedOpType) -> torch.Tensor:
+        """Reduce ``tensor`` in place over the ranks with ``op`` (SUM, MAX, ...) and return it; identity on one
+        rank. A host (CPU) tensor travels over a CPU group, so it never waits for queued device work.
+        Every rank calls it."""
+
+    def barrier(self) -> None:
+        """Wait until every rank has reached this point; every rank calls it."""
 
     def profiled_forward(self) -> tuple[float, int] | None:
         """(forward FLOPs of one micro-batch, parameters) as an engine's flops profiler counted them; None: no profile."""
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (identity on one rank)."""
 
     def average_running_stats(self) -> None:
         """Make every rank's BatchNorm running statistics their mean over the ranks; every rank calls it.
@@ -78,7 +131,7 @@ class Backend(Protocol):
         Each rank normalises its own micro-batches, so the statistics drift apart; evaluation, checkpoints
         and their export must see one model (timm's ``distribute_bn`` does the same)."""
 
-    def layout(self):
+    def layout(self) -> WrittenBy:
         """``checkpoint.WrittenBy``: backend, rank count, ZeRO stage and precision of this run."""
 
     def finish(self, run_dir: Path) -> None:
@@ -89,7 +142,8 @@ class Backend(Protocol):
         every rank calls it. The checkpoint manager writes everything else."""
 
     def load(self, checkpoint_dir: Path) -> None:
-        """Restore the engine state of a checkpoint this backend wrote at this run's layout."""
+        """Restore the engine state of a checkpoint this backend wrote at this run's layout; every rank calls it."""
 
     def load_universal(self, folder: Path) -> None:
-        """Restore the engine state from a universal folder (``universal.py``), written at any layout."""
+        """Restore the engine state from a universal folder (``universal.py``), written at any layout; every
+        rank calls it."""

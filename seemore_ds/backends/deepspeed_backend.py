@@ -14,12 +14,14 @@ import logging
 import os
 import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.distributed import ReduceOp
 
 from seemore_ds import universal
-from seemore_ds.backends.base import PRECISION_DTYPES, StepStats, resolve_device, timestamp
+from seemore_ds.backends.base import StepStats, resolve_device, run_micro_batches
 from seemore_ds.backends.ds_config import COMMS_SUMMARY_FILE, check_with_deepspeed, ds_config_for
 from seemore_ds.checkpoint import WrittenBy
 from seemore_ds.compiling import check_can_compile
@@ -29,6 +31,7 @@ from seemore_ds.errors import UserError
 from seemore_ds.evaluation import token_loss_sum
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import lr_multiplier, param_groups
+from seemore_ds.precision import compute_dtype
 from seemore_ds.safe_pickles import weights_only_loads
 
 def free_port() -> int:
@@ -131,6 +134,12 @@ class DeepSpeedBackend:
 
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        # Host tensors (the step guard's signal flags) are reduced over a CPU (gloo) group, so that agreeing on
+        # them never waits for queued GPU work. The default group serves when it is gloo already (CPU ranks);
+        # a second one would be one more set of sockets. Created here: every rank must create it together.
+        self._host_group = torch.distributed.group.WORLD
+        if self.world_size > 1 and torch.distributed.get_backend() != "gloo":
+            self._host_group = torch.distributed.new_group(backend="gloo")
         if accelerator.device_name() == "cpu":  # one rank too: shm_comm maps a buffer at any world size
             torch.distributed.barrier()  # past it, every rank has mapped its peers' buffers (in init_distributed)
             unlink_shared_allreduce_buffer(self.rank)
@@ -161,16 +170,17 @@ class DeepSpeedBackend:
                 print(f"activation checkpointing ({source}): {blocks} ViT and decoder blocks keep only their inputs "
                       f"and recompute the rest in the backward", flush=True)
         # ZeRO-3 partitions the model's parameters; evaluation and generation use a full copy
-        # (see _full_model) so that ranks with unequal work never wait on each other's all-gathers.
+        # (see full_model) so that ranks with unequal work never wait on each other's all-gathers.
         self._replica = copy.deepcopy(model) if self.zero_stage == 3 else None
         self._replica_step = -1
+        self._gathered = False  # inside full_model(): eval_loss may use the copy
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             model_parameters=param_groups(model, cfg.train.weight_decay) if optimizer is None else None,
             config=self.ds_config,
         )
         if self._replica is not None:
-            self._replica.to(device=self.device, dtype=PRECISION_DTYPES.get(self.precision, torch.float32))
+            self._replica.to(device=self.device, dtype=compute_dtype(self.precision))
         # With wall_clock_breakdown (or the flops profiler) the engine prints its timers at every step;
         # the trainer writes them to timing_logs.csv instead, so the engine's log call only resets them.
         self.engine.timers.log = functools.partial(_reset_timers, self.engine.timers)
@@ -182,16 +192,21 @@ class DeepSpeedBackend:
 
     @property
     def module(self) -> torch.nn.Module:
-        """The bare SeemoreVLM with the current weights; under ZeRO-3 a gathered full copy.
+        """This rank's SeemoreVLM inside the engine; under ZeRO-3 its parameters are partitions (see full_model)."""
+        return self.engine.module
 
-        Under ZeRO-3 this is a collective the first time after each step: every rank must ask.
-        """
-        return self._full_model() if self._replica is not None else self.engine.module
+    @contextlib.contextmanager
+    def full_model(self) -> Iterator[torch.nn.Module]:
+        """The engine's model, or under ZeRO-3 a full copy gathered on entry (a collective: every rank enters).
 
-    def _full_model(self) -> torch.nn.Module:
-        import deepspeed
-
+        The copy is refreshed once per optimizer step, so that evaluation and generation on it never wait on
+        another rank's all-gathers, however unequal the ranks' shares of the work."""
+        if self._replica is None:
+            yield self.engine.module
+            return
         if self._replica_step != self.engine.global_steps:
+            import deepspeed
+
             params = list(self.engine.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 with torch.no_grad():
@@ -199,36 +214,37 @@ class DeepSpeedBackend:
                         full.copy_(partitioned.data)
             self._copy_buffers_to_replica()
             self._replica_step = self.engine.global_steps
-        return self._replica
+        self._gathered = True
+        try:
+            yield self._replica
+        finally:
+            self._gathered = False
 
     def train_step(self, micro_batches: list[Batch], timed: bool) -> StepStats:
         engine = self.engine
         engine.train()
-        forward_s = backward_s = optimizer_s = 0.0
-        total_loss = torch.zeros((), device=self.device)
         skipped_before = engine.skipped_steps
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler moves on inside engine.step()
         grad_norm = None
-        for i, batch in enumerate(micro_batches):
-            batch = batch.to(self.device)
-            t0 = timestamp(self.device, timed)
-            _, loss = engine(batch.images, batch.input_ids, batch.targets)
-            t1 = timestamp(self.device, timed)
-            engine.backward(loss)  # divides by gradient_accumulation_steps itself
-            t2 = timestamp(self.device, timed)
-            if i == len(micro_batches) - 1 and not hasattr(engine.optimizer, "_global_grad_norm"):
+
+        def step(last: bool) -> None:
+            nonlocal grad_norm
+            if last and not hasattr(engine.optimizer, "_global_grad_norm"):
                 grad_norm = self._grad_norm()  # plain fp32 data parallelism: the engine clips but keeps no norm
             engine.step()  # an optimizer step only at the accumulation boundary
-            t3 = timestamp(self.device, timed)
-            forward_s, backward_s, optimizer_s = forward_s + t1 - t0, backward_s + t2 - t1, optimizer_s + t3 - t2
-            total_loss += loss.detach().float()
+
+        totals = run_micro_batches(micro_batches, self.device, timed,
+                                   forward=lambda batch: engine(batch.images, batch.input_ids, batch.targets)[1],
+                                   backward=engine.backward,  # divides by gradient_accumulation_steps itself
+                                   step=step)
+        forward_s, backward_s, optimizer_s = totals.forward_s, totals.backward_s, totals.step_s
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
         allreduce_s = None
         if timed and engine.wall_clock_breakdown():  # the engine's own breakdown of this optimizer step, in ms
             ms = engine.get_wall_clock_timers()  # names from deepspeed.utils.timer's *_GLOBAL_TIMER
             forward_s, backward_s, allreduce_s, optimizer_s = (ms[name] / 1e3 for name in ("fwd", "bwd_inner", "bwd_allreduce", "step"))
-        loss = total_loss / len(micro_batches)
+        loss = totals.loss
         return StepStats(
             loss=loss, grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32),
             lr=torch.tensor(lr, dtype=torch.float64), forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s,
@@ -257,16 +273,17 @@ class DeepSpeedBackend:
 
     def eval_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self._replica is not None:
-            model = self._full_model()
-            model.eval()
-            return token_loss_sum(model, batch.to(self.device))
+            if not self._gathered:
+                raise RuntimeError("under ZeRO-3, eval_loss runs inside `with backend.full_model():`")
+            self._replica.eval()
+            return token_loss_sum(self._replica, batch.to(self.device))
         self.engine.eval()
         return token_loss_sum(self.engine, batch.to(self.device))
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self._replica is not None:
-            self._full_model()  # a rank with no eval batch joins the gather the others made in eval_loss
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp.RedOpType) -> torch.Tensor:
+        if self.world_size > 1:
+            group = self._host_group if tensor.device.type == "cpu" else None
+            torch.distributed.all_reduce(tensor, op=op, group=group)
         return tensor
 
     def average_running_stats(self) -> None:

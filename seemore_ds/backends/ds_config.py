@@ -29,7 +29,7 @@ from pathlib import Path
 
 from seemore_ds.config import Config, validate
 from seemore_ds.errors import UserError
-from seemore_ds.profiling import FLOPS_PROFILE_FILE
+from seemore_ds.profiling.flops_profile import FLOPS_PROFILE_FILE
 
 AUTO = "auto"
 

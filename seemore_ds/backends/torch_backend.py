@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from seemore_ds import universal
-from seemore_ds.backends.base import PRECISION_DTYPES, StepStats, resolve_device, timestamp
+from seemore_ds.backends.base import StepStats, resolve_device, run_micro_batches, timestamp
 from seemore_ds.checkpoint import MODEL_FILE, WrittenBy
 from seemore_ds.compiling import check_can_compile
 from seemore_ds.config import Config
@@ -19,6 +20,7 @@ from seemore_ds.errors import UserError
 from seemore_ds.evaluation import token_loss_sum
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import DeviceLRSchedule, param_groups
+from seemore_ds.precision import PRECISION_DTYPES
 
 GRAD_SCALER_FILE = "grad_scaler.pt"  # fp16 only: the loss scale
 
@@ -28,7 +30,7 @@ class TorchBackend:
 
     def __init__(self, model: SeemoreVLM, cfg: Config):
         self.device = resolve_device(cfg.train.device)
-        precision = cfg.train.precision
+        self.precision = precision = cfg.train.precision
         if precision == "fp16" and self.device.type != "cuda":
             raise UserError("train.precision=fp16 needs a CUDA GPU (CPU autocast has no fp16 loss scaling); use train.precision=bf16 on CPU")
         self.module = model.to(self.device)
@@ -50,24 +52,21 @@ class TorchBackend:
 
     def train_step(self, micro_batches: list[Batch], timed: bool) -> StepStats:
         self.module.train()
-        forward_s = backward_s = 0.0
-        total_loss = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            batch = batch.to(self.device)
-            t0 = timestamp(self.device, timed)
+
+        def forward(batch: Batch) -> torch.Tensor:
             with self.autocast():
-                _, loss = self.module(batch.images, batch.input_ids, batch.targets)
-            t1 = timestamp(self.device, timed)
+                return self.module(batch.images, batch.input_ids, batch.targets)[1]
+
+        def backward(loss: torch.Tensor) -> None:
             self.scaler.scale(loss / len(micro_batches)).backward()
-            t2 = timestamp(self.device, timed)
-            forward_s, backward_s = forward_s + t1 - t0, backward_s + t2 - t1
-            total_loss += loss.detach()
+
+        totals = run_micro_batches(micro_batches, self.device, timed, forward, backward)
         t0 = time.perf_counter()
         self.scaler.unscale_(self.optimizer)
         max_norm = self.train_cfg.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)  # foreach: stays on the device
         lr = self.scheduler.lr.clone()  # the rate this step uses; the schedule moves on below
-        loss = total_loss / len(micro_batches)
+        loss = totals.loss
         # A NaN/Inf loss or gradient would poison the weights and Adam's moments: skip the update and hold the
         # LR schedule, as DeepSpeed does, all decided on the device.
         skipped = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
@@ -87,11 +86,16 @@ class TorchBackend:
         optimizer_s = timestamp(self.device, timed) - t0
         return StepStats(
             loss=loss, grad_norm=grad_norm, lr=lr,
-            forward_s=forward_s, backward_s=backward_s, optimizer_s=optimizer_s, skipped=skipped,
+            forward_s=totals.forward_s, backward_s=totals.backward_s, optimizer_s=optimizer_s, skipped=skipped,
             backward_allreduce_s=0.0,  # one process: nothing to reduce
             loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() and timed else None,  # get_scale syncs
             nonfinite=~torch.isfinite(loss),
         )
+
+    @contextmanager
+    def full_model(self) -> Iterator[SeemoreVLM]:
+        """The model itself: one process holds all of it."""
+        yield self.module
 
     def eval_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         self.module.eval()
@@ -101,8 +105,8 @@ class TorchBackend:
     def profiled_forward(self) -> None:
         return None  # never imports DeepSpeed's profiler: the trainer uses the model's own count
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
+    def all_reduce(self, tensor: torch.Tensor, op: torch.distributed.ReduceOp.RedOpType) -> torch.Tensor:
+        return tensor  # one rank: every reduction is the tensor itself
 
     def average_running_stats(self) -> None:
         pass  # one process: one set of statistics
@@ -111,7 +115,7 @@ class TorchBackend:
         pass
 
     def layout(self) -> WrittenBy:
-        return WrittenBy("torch", 1, None, self.train_cfg.precision)
+        return WrittenBy("torch", 1, None, self.precision)
 
     def finish(self, run_dir: Path) -> None:
         pass  # no engine, nothing recorded beside the trainer's own logs

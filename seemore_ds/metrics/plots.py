@@ -11,6 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from seemore_ds.errors import UserError
+from seemore_ds.metrics.csv_log import LOSSES_FILE, MEMORY_FILE, TIMING_FILE
 
 # Phases of a step, bottom to top of the stacked breakdown; older runs lack backward_allreduce_s.
 TIMING_PARTS = ["data_s", "forward_s", "backward_s", "backward_allreduce_s", "optimizer_s"]
@@ -22,11 +23,11 @@ class RunLogs:
 
     def __init__(self, run_dir: Path, label: str):
         self.label = label
-        self.losses = _read(run_dir / "losses_log.csv", required=True)
+        self.losses = _read(run_dir / LOSSES_FILE, required=True)
         if self.losses.empty:
-            raise UserError(f"{run_dir / 'losses_log.csv'} has no rows yet; train for at least log.every steps")
-        self.timings = _read(run_dir / "timing_logs.csv", required=True)
-        self.memory = _read(run_dir / "memory_log.csv", required=False)
+            raise UserError(f"{run_dir / LOSSES_FILE} has no rows yet; train for at least log.every steps")
+        self.timings = _read(run_dir / TIMING_FILE, required=True)
+        self.memory = _read(run_dir / MEMORY_FILE, required=False)
 
 
 def _read(path: Path, required: bool) -> pd.DataFrame:

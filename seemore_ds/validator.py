@@ -1,0 +1,69 @@
+"""The validator: at its steps, the held-out loss, the caption exact match and ``captions.png``, on the
+full model that every rank enters together (under ZeRO-3 that gathers the partitioned parameters)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed import ReduceOp
+
+from seemore_ds.backends.base import Backend
+from seemore_ds.config import Config
+from seemore_ds.data.dataset import TokenizedSplit
+from seemore_ds.evaluation import caption_matches, generate_captions, split_loss
+from seemore_ds.metrics.caption_grid import CAPTIONS_FILE, write_caption_grid
+from seemore_ds.metrics.processor import Validation
+from seemore_ds.model import SeemoreVLM
+from seemore_ds.tokenizer import CharTokenizer
+
+CAPTION_SAMPLES = 16  # held-out images captioned into captions.png (and W&B) at each evaluation
+
+
+class Validator:
+    def __init__(self, cfg: Config, backend: Backend, split: TokenizedSplit | None, tokenizer: CharTokenizer, is_main: bool):
+        """``split``: the held-out rows, or None when the run has none (then it never runs)."""
+        self.cfg, self.backend, self.split, self.tokenizer, self.is_main = cfg, backend, split, tokenizer, is_main
+        self.run_dir = Path(cfg.run.output_dir)
+
+    def should_run(self, step: int) -> bool:
+        """At every ``eval.every`` steps and the last one, when there is a held-out split."""
+        every = self.cfg.eval.every
+        return self.split is not None and (step == self.cfg.train.max_steps or (every > 0 and step % every == 0))
+
+    def run(self, step: int) -> Validation:
+        """Val loss on up to ``eval.max_batches`` batches, exact match on as many rows (at the last step the
+        whole split, the run's final figure), and on rank 0 ``captions.png``; every rank calls it."""
+        self.backend.average_running_stats()
+        batch_size, max_batches = self.cfg.train.batch_size, self.cfg.eval.max_batches
+        last = step == self.cfg.train.max_steps
+        with self.backend.full_model() as model:
+            loss = split_loss(self.backend, self.split, batch_size, max_batches)
+            exact = self._exact_match(model, max_rows=0 if last else batch_size * max_batches)
+            captions = None
+            if self.is_main:  # the full model is whole on rank 0 now: no other rank takes part
+                captions = draw_held_out_captions(model, self.split.data, self.tokenizer, self.run_dir / CAPTIONS_FILE,
+                                                  f"{self.run_dir.name}, step {step}")
+        return Validation(loss, exact, captions)
+
+    def exact_match(self) -> float:
+        """The exact match over the whole held-out split; every rank calls it."""
+        with self.backend.full_model() as model:
+            return self._exact_match(model, max_rows=0)
+
+    def _exact_match(self, model: SeemoreVLM, max_rows: int) -> float:
+        """Fraction of held-out rows (the first ``max_rows``; 0: all) captioned exactly right, over all ranks."""
+        matches, n = caption_matches(model, self.split, self.tokenizer, self.backend.rank, self.backend.world_size,
+                                     max_rows=max_rows)
+        total = self.backend.all_reduce(torch.tensor([matches, n], dtype=torch.float64, device=self.backend.device),
+                                        ReduceOp.SUM)
+        return (total[0] / total[1]).item()
+
+
+def draw_held_out_captions(model: SeemoreVLM, data, tokenizer: CharTokenizer, out: Path, title: str):
+    """Caption the first CAPTION_SAMPLES held-out images (``data``: CaptionData) and draw them into
+    ``out``; returns (images, captions, references, out)."""
+    n = min(CAPTION_SAMPLES, len(data))
+    images = data.images_at(torch.arange(n)).cpu()
+    captions, references = generate_captions(model, images, tokenizer), data.captions[:n]
+    return images, captions, references, write_caption_grid(images.numpy(), captions, references, out, title)
