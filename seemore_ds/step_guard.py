@@ -19,10 +19,10 @@ from typing import Callable
 
 import torch
 
-from seemore_ds.backends import launched_by_deepspeed, train_arguments
 from seemore_ds.backends.base import StepStats
 from seemore_ds.config import TrainConfig
 from seemore_ds.errors import UserError
+from seemore_ds.launching import launched_by_deepspeed, train_arguments
 from seemore_ds.preemption import Preempted, StopSignals, exit_code
 
 
