@@ -247,8 +247,10 @@ def test_declared_dimensions_are_checked_before_decoding(tmp_path):
     assert [(b.row, b.reason) for b in bad] == [(1, "image of 9000x9000 pixels exceeds data.max_image_pixels=64000000 (refused as a possible decompression bomb)")]
 
 
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
 def test_raising_max_image_pixels_lets_larger_images_through(tmp_path):
-    """95M pixels is over PIL's own bomb warning (~89M) but under data.max_image_pixels=100M: the config decides."""
+    """95M pixels is over PIL's own bomb warning (~89M) but under data.max_image_pixels=100M: the config decides,
+    and Pillow's warning is not raised."""
     big = b64(png_declaring(10_000, 9_500))  # declared only; its pixel data is missing, so decoding fails later
     path = write_csv(tmp_path / "d.csv", ["b64string_images", "caption"], [[big, "big"], [png_b64(), "fine"]])
     _, _, bad = read(path, max_pixels=100_000_000)
