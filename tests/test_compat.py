@@ -172,7 +172,7 @@ def test_the_installed_deepspeed_is_one_every_adaptation_was_written_for():
     """A new DeepSpeed fails here first: recheck each adaptation against it, then widen its range."""
     version = compat.deepspeed_version()
     ranges = {name: value for name, value in vars(compat).items() if name.endswith("_WRITTEN_FOR")}
-    assert len(ranges) == 7 and all(version in spec for spec in ranges.values()), (version, ranges)
+    assert ranges and all(version in spec for spec in ranges.values()), (version, ranges)
 
 
 def test_outside_its_range_an_adaptation_warns_in_one_line_and_still_runs(monkeypatch, tmp_path):
@@ -182,7 +182,7 @@ def test_outside_its_range_an_adaptation_warns_in_one_line_and_still_runs(monkey
     with pytest.warns(compat.DeepSpeedVersionWarning) as warned:
         compat.unlink_shared_allreduce_buffer(rank=987654)
     message = str(warned[0].message)
-    assert "\n" not in message and "0.25.0" in message and "pip install 'deepspeed<0.20,>=0.19'" in message
+    assert "\n" not in message and "0.25.0" in message and f"pip install 'deepspeed{compat.SHM_NAME_WRITTEN_FOR}'" in message
 
 
 def test_deepspeeds_checkpoint_loader_unpickles_only_plain_data_inside_weights_only_loads(tmp_path, monkeypatch):
