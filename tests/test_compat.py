@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,6 @@ from tests.conftest import REPO, TINY
 
 ENGINE_CHECKS = r"""
 import contextlib, io, json, os, sys
-from pathlib import Path
 
 import torch
 
