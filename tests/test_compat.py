@@ -24,6 +24,7 @@ from tests.conftest import REPO, TINY
 
 ENGINE_CHECKS = r"""
 import contextlib, io, json, os, sys
+from pathlib import Path
 
 import torch
 
