@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from seemore_ds.backends.deepspeed_backend import select_accelerator
+from seemore_ds.backends.deepspeed_compat import select_accelerator
 from seemore_ds.config import ModelConfig
 from seemore_ds.data.dataset import Batch
 from seemore_ds.model import SeemoreVLM

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from seemore_ds.backends.deepspeed_backend import free_port
+from seemore_ds.launching import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
-"""DeepSpeed's checkpoint file names and how to read them, without importing the engine backend.
+"""DeepSpeed's checkpoint file names and how to tell its checkpoints apart, without importing DeepSpeed.
 
-Used by the backend, the universal conversion and export alike; DeepSpeed itself is imported only to
-read its pickles safely (``safe_pickles``), never to build an engine.
+Used by the backend, the universal conversion and export alike; their pickles are read with
+``safe_pickles.weights_only_loads``.
 """
 
 from __future__ import annotations
@@ -19,16 +19,5 @@ def model_states_file(folder: Path) -> Path:
 
 
 def is_deepspeed_checkpoint(folder: Path) -> bool:
+    """Whether DeepSpeed wrote ``folder``: it holds rank 0's model states of some ZeRO stage."""
     return (folder / MODEL_STATES).is_file() or (folder / ZERO3_MODEL_STATES).is_file()
-
-
-def plain_loads(folder: Path):
-    """``torch.load`` inside reads DeepSpeed's files as plain data only (see ``safe_pickles``).
-
-    Imports DeepSpeed (for its record types), with its CPU accelerator where there is no GPU."""
-    from seemore_ds.backends.base import resolve_device
-    from seemore_ds.backends.deepspeed_backend import select_accelerator
-    from seemore_ds.safe_pickles import weights_only_loads
-
-    select_accelerator(resolve_device("auto"))
-    return weights_only_loads(folder)

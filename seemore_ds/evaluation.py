@@ -12,8 +12,8 @@ from torch.distributed import ReduceOp
 from seemore_ds.config import Config
 from seemore_ds.errors import UserError
 from seemore_ds.data.dataset import Batch, TokenizedSplit, load_caption_data, load_held_out
-from seemore_ds.model import IGNORE_INDEX, SeemoreVLM
-from seemore_ds.tokenizer import CharTokenizer
+from seemore_ds.model import SeemoreVLM
+from seemore_ds.tokenizer import IGNORE_INDEX, CharTokenizer
 
 if TYPE_CHECKING:
     from seemore_ds.backends.base import Backend

@@ -20,7 +20,7 @@ from seemore_ds import ds_files
 from seemore_ds.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_checkpoint_config, resolve_checkpoint
 from seemore_ds.errors import UserError
 from seemore_ds.model import SeemoreVLM
-from seemore_ds.safe_pickles import refused
+from seemore_ds.safe_pickles import refused, weights_only_loads
 from seemore_ds.tokenizer import CharTokenizer
 
 
@@ -35,7 +35,7 @@ def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         return _stage0_weights(folder)
     # ZeRO 1-3 keep the fp32 master weights flattened and partitioned in the optimizer shards.
     # Its progress chatter is not the command's output.
-    with ds_files.plain_loads(folder), contextlib.redirect_stdout(sys.stderr):
+    with weights_only_loads(folder), contextlib.redirect_stdout(sys.stderr):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)

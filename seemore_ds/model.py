@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seemore_ds.config import ModelConfig
+from seemore_ds.tokenizer import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # targets at padding and image positions
 
 
 class Attention(nn.Module):

@@ -3,13 +3,12 @@
 Inspected in DeepSpeed 0.19 checkpoints of ZeRO 0-3 (fp32, bf16, offload): model states hold only
 tensors, containers and strings; optimizer states add three plain records, allow-listed below.
 DeepSpeed itself (``load_checkpoint``, ``zero_to_fp32``) calls ``torch.load(weights_only=False)``;
-``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` makes torch refuse everything else in those calls too.
+``deepspeed_compat.torch_loads_weights_only`` makes torch refuse everything else in those calls too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 from pathlib import Path
 
@@ -34,20 +33,20 @@ def refused(where: Path, err: Exception) -> UserError:
 @contextlib.contextmanager
 def weights_only_loads(where: Path):
     """Every ``torch.load`` inside unpickles only tensors, containers and DeepSpeed's three plain records;
-    a file with anything else ends in a UserError naming ``where``."""
+    a file with anything else ends in a UserError naming ``where``.
+
+    Imports DeepSpeed (for its record types), with its CPU accelerator where there is no GPU."""
+    from seemore_ds.backends import deepspeed_compat
+    from seemore_ds.backends.base import resolve_device
+
+    deepspeed_compat.select_accelerator(resolve_device("auto"))  # before deepspeed is first imported
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        with torch.serialization.safe_globals([fragment_address, LossScaler, ZeroStageEnum]):
+        with deepspeed_compat.torch_loads_weights_only(), \
+                torch.serialization.safe_globals([fragment_address, LossScaler, ZeroStageEnum]):
             yield
     except pickle.UnpicklingError as err:
         raise refused(where, err) from None
-    finally:
-        if previous is None:
-            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous

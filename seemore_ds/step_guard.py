@@ -20,10 +20,10 @@ from typing import Callable
 import torch
 from torch.distributed import ReduceOp
 
-from seemore_ds.backends import launched_by_deepspeed, train_arguments
 from seemore_ds.backends.base import Backend, StepStats
 from seemore_ds.config import TrainConfig
 from seemore_ds.errors import UserError
+from seemore_ds.launching import launched_by_deepspeed, train_arguments
 from seemore_ds.preemption import Preempted, StopSignals, exit_code
 
 

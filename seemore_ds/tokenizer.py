@@ -15,6 +15,7 @@ from seemore_ds.errors import UserError
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 UNK_TEXT = "\ufffd"
+IGNORE_INDEX = -100  # the target at padding and image positions: no token to predict, no loss
 
 
 class CharTokenizer:

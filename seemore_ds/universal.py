@@ -30,6 +30,7 @@ from seemore_ds.errors import UserError
 from seemore_ds.manifest import verify_checkpoint, write_manifest
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import param_groups
+from seemore_ds.safe_pickles import weights_only_loads
 
 UNIVERSAL_DIR = "universal"
 MODEL_STATES = ds_files.MODEL_STATES
@@ -177,7 +178,7 @@ def convert_deepspeed(folder: Path, out: Path, model: SeemoreVLM, weight_decay: 
     ``meta``: the checkpoint's ``WrittenBy``."""
     names = group_names(model, weight_decay)
     if meta.zero_stage == 0:
-        with ds_files.plain_loads(folder):
+        with weights_only_loads(folder):
             states = torch.load(folder / MODEL_STATES, map_location="cpu", weights_only=True)
         optimizer_sd = states["optimizer"]
         if not isinstance(optimizer_sd, dict) or "state" not in optimizer_sd:
@@ -195,7 +196,7 @@ def convert_deepspeed(folder: Path, out: Path, model: SeemoreVLM, weight_decay: 
                      num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     # Its progress lines and bars are not the run's output; its pickles hold only DeepSpeed's plain records.
     chatter = io.StringIO()
-    with ds_files.plain_loads(folder), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+    with weights_only_loads(folder), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
         ds_to_universal.main(args)
     state = read_universal_converted(converted, folder, model)
     if meta.zero_stage == 3:
@@ -204,7 +205,7 @@ def convert_deepspeed(folder: Path, out: Path, model: SeemoreVLM, weight_decay: 
         # DeepSpeed's zero_to_fp32 reads the same shards correctly, so the weights come from there.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with ds_files.plain_loads(folder), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        with weights_only_loads(folder), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             full = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
         state.weights = {name: full[name].float().reshape(weight.shape) for name, weight in state.weights.items()}
     write_universal(out, state)
@@ -213,7 +214,7 @@ def convert_deepspeed(folder: Path, out: Path, model: SeemoreVLM, weight_decay: 
 
 def read_universal_converted(converted: Path, folder: Path, model: SeemoreVLM) -> UniversalState:
     """ds_to_universal's output, completed with what its ZeRO-3 form leaves out (model states, shapes, step)."""
-    with ds_files.plain_loads(folder):
+    with weights_only_loads(folder):
         source = torch.load(ds_files.model_states_file(folder), map_location="cpu", weights_only=True)
         optimizer_state = torch.load(converted / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=True)
         weights, moments, updates = _read_parameters(converted / "zero", model)

@@ -13,6 +13,7 @@ import json
 import sys
 
 from seemore_ds.__main__ import main
+from seemore_ds.launching import script_arguments
 
 
 def run_plan(plan_file: str) -> int:
@@ -24,5 +25,4 @@ def run_plan(plan_file: str) -> int:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # added by the launcher
-    sys.exit(run_plan(args[0]))
+    sys.exit(run_plan(script_arguments()[0]))

@@ -201,7 +201,7 @@ BAD_CELLS = {  # kind -> (image cell, caption, reason reported)
     "caption too long": (png_b64(), "x" * (MAX_CAPTION + 1),
                          f"caption of {MAX_CAPTION + 1} characters exceeds model.max_caption_len={MAX_CAPTION}"),
     "decompression bomb": (b64(png_declaring(100_000, 100_000)), "a caption",
-                           "image of 100000x100000 pixels exceeds data.max_image_pixels=1000000 (refused as a possible decompression bomb)"),
+                           "image of more than 178956970 pixels exceeds data.max_image_pixels=1000000 (refused as a possible decompression bomb)"),
 }
 
 
@@ -247,13 +247,29 @@ def test_declared_dimensions_are_checked_before_decoding(tmp_path):
     assert [(b.row, b.reason) for b in bad] == [(1, "image of 9000x9000 pixels exceeds data.max_image_pixels=64000000 (refused as a possible decompression bomb)")]
 
 
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
 def test_raising_max_image_pixels_lets_larger_images_through(tmp_path):
-    """95M pixels is over PIL's own bomb warning (~89M) but under data.max_image_pixels=100M: the config decides."""
+    """95M pixels is over PIL's own bomb warning (~89M) but under data.max_image_pixels=100M: the config decides,
+    and Pillow's warning is not raised."""
     big = b64(png_declaring(10_000, 9_500))  # declared only; its pixel data is missing, so decoding fails later
     path = write_csv(tmp_path / "d.csv", ["b64string_images", "caption"], [[big, "big"], [png_b64(), "fine"]])
     _, _, bad = read(path, max_pixels=100_000_000)
     assert [b.row for b in bad] == [1]
     assert "bomb" not in bad[0].reason and "exceeds" not in bad[0].reason, bad[0].reason
+
+
+def test_pillows_own_limit_still_holds_above_a_larger_max_image_pixels_and_is_left_as_it_is(tmp_path):
+    """Over twice PIL.Image.MAX_IMAGE_PIXELS Pillow refuses to open an image; the reason says whose limit that is,
+    and Pillow's setting stays as Pillow set it (no process-wide switch-off for whoever imports seemore_ds)."""
+    pillow_default = Image.MAX_IMAGE_PIXELS
+    bomb = b64(png_declaring(100_000, 100_000))
+    path = write_csv(tmp_path / "d.csv", ["b64string_images", "caption"], [[bomb, "bomb"], [png_b64(), "fine"]])
+    _, captions, bad = read(path, max_pixels=10**12)
+    assert captions == ["fine"]
+    assert [(b.row, b.reason) for b in bad] == [(1, f"image of more than {2 * pillow_default} pixels exceeds Pillow's "
+                                                   f"decompression-bomb limit (twice PIL.Image.MAX_IMAGE_PIXELS), "
+                                                   f"which data.max_image_pixels=1000000000000 does not raise")]
+    assert Image.MAX_IMAGE_PIXELS == pillow_default
 
 
 # --- files that cannot be used at all ----------------------------------------------------------

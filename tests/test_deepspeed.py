@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from seemore_ds.__main__ import main
-from seemore_ds.backends.deepspeed_backend import free_port
 from seemore_ds.backends.ds_config import resolve_ds_config
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError
+from seemore_ds.launching import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))

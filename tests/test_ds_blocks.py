@@ -147,7 +147,7 @@ def test_activation_checkpointing_block_recomputes_and_trains_alike(trained):
 
 def test_deepspeed_checkpoint_function_saves_activation_memory():
     """The model's hook with DeepSpeed's checkpoint function: the same gradients, fewer saved bytes."""
-    from seemore_ds.backends.deepspeed_backend import select_accelerator
+    from seemore_ds.backends.deepspeed_compat import select_accelerator
     from bench.activation_memory import saved_activation_bytes, tiny_model_and_batch
 
     select_accelerator(torch.device("cpu"))

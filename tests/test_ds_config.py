@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from seemore_ds.backends.base import resolve_device
-from seemore_ds.backends.deepspeed_backend import select_accelerator
+from seemore_ds.backends.deepspeed_compat import select_accelerator
 from seemore_ds.backends.ds_config import SCHEDULER_PARAMS, check_with_deepspeed, resolve_ds_config
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, read_csv_rows
-from seemore_ds.backends.deepspeed_backend import free_port
 from seemore_ds.backends.ds_config import resolve_ds_config
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError
+from seemore_ds.launching import free_port
 
 VENV_BIN = str(Path(sys.executable).parent)
 TINY = ["model.img_size=32", "model.patch_size=16", "model.image_embed_dim=32", "model.num_blks=1", "model.n_embd=32",

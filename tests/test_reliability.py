@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from seemore_ds.__main__ import main
-from seemore_ds.backends.deepspeed_backend import free_port
+from seemore_ds.launching import free_port
 from seemore_ds.manifest import MANIFEST_FILE, verify_checkpoint
 from tests.conftest import REPO, read_csv_rows
 from tests.test_deepspeed import DEEPSPEED, LAUNCH_TIMEOUT_S, launch, loss_rows

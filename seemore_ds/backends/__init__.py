@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 
 import torch
 
 from seemore_ds.config import Config
 from seemore_ds.errors import UserError
+from seemore_ds.launching import launched_by_deepspeed
 from seemore_ds.model import SeemoreVLM
-
-
-def launched_by_deepspeed() -> bool:
-    """The deepspeed launcher (and torchrun-style launchers) set these for every rank."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def train_arguments() -> list[str]:
-    """This run's command-line arguments from ``train`` on, for a message that says what to run."""
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    return args if args[:1] == ["train"] else ["train", "..."]
 
 
 def resolve_backend_name(cfg: Config) -> str:

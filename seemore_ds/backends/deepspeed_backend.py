@@ -10,10 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import logging
 import os
-import socket
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import torch
 from torch.distributed import ReduceOp
 
 from seemore_ds import universal
+from seemore_ds.backends import deepspeed_compat as compat
 from seemore_ds.backends.base import StepStats, resolve_device, run_micro_batches
 from seemore_ds.backends.ds_config import COMMS_SUMMARY_FILE, check_with_deepspeed, ds_config_for
 from seemore_ds.checkpoint import WrittenBy
@@ -33,73 +31,6 @@ from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import lr_multiplier, param_groups
 from seemore_ds.precision import compute_dtype
 from seemore_ds.safe_pickles import weights_only_loads
-
-def free_port() -> int:
-    """A TCP port no process listens on now, for a rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def prepare_environment(device: str = "auto") -> None:
-    """Pick DeepSpeed's CPU accelerator when there is no GPU, and fake a one-rank world without a launcher.
-
-    Must run before ``deepspeed`` is imported: the accelerator is chosen at import time.
-    """
-    select_accelerator(resolve_device(device))
-    if "WORLD_SIZE" not in os.environ:  # not launched: deepspeed.init_distributed would look for MPI
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-
-
-def select_accelerator(device: torch.device) -> None:
-    """DeepSpeed picks its accelerator when imported: choose the CPU one unless told otherwise or on CUDA."""
-    if "DS_ACCELERATOR" not in os.environ and device.type == "cpu":
-        os.environ["DS_ACCELERATOR"] = "cpu"
-
-
-def unlink_shared_allreduce_buffer(rank: int) -> None:
-    """Remove the name of this rank's shared-memory all-reduce buffer once every rank has mapped it.
-
-    On CPU ranks that share one machine, DeepSpeed's shm_comm creates one 66 MB buffer per rank in
-    /dev/shm and never unlinks it: each launch would leave its RAM taken until a reboot (the files
-    are named by MASTER_PORT, so every new port adds 132 MB at 2 ranks). Once all ranks have
-    opened each other's buffers, the names are no longer needed; the mappings live on, and the
-    kernel frees the memory when the last rank exits, even a killed one. Call after a barrier.
-    """
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
-    with contextlib.suppress(FileNotFoundError):  # not created: ranks on several machines, or no shm_comm
-        os.unlink(Path("/dev/shm") / name)
-
-
-def _reset_timers(timers, names, normalizer=1.0, reset=True, memory_breakdown=False, ranks=None) -> None:
-    """DeepSpeed's ``SynchronizedWallClockTimer.log`` without the printing."""
-    for name in names:
-        if reset and name in timers.timers:
-            timers.timers[name].reset()
-
-
-def _skip_nonfinite_updates(optimizer) -> None:
-    """Make a step on NaN/Inf gradients a skipped one, as ZeRO and fp16 already do.
-
-    Without them DeepSpeed steps a plain optimizer on whatever the gradients hold. The engine reads
-    ``optimizer.overflow`` after the step: it then counts a skipped step and holds the LR schedule.
-    That is a Python bool, so deciding it costs a host sync per step, as DeepSpeed's own overflow checks
-    (fp16, ZeRO) do: the engine's interface allows no skip decided on the device.
-    """
-    step = optimizer.step
-
-    @functools.wraps(step)  # keeps the LR scheduler's mark on the step it wrapped, which it checks for
-    def step_unless_nonfinite(*args, **kwargs):
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        optimizer.overflow = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-        if not optimizer.overflow:
-            step(*args, **kwargs)
-
-    optimizer.overflow = False
-    optimizer.step = step_unless_nonfinite
-
 
 def comms_table(summary: dict, world_size: int) -> str:
     """DeepSpeed's comms_logger summary as a text table: one row per operation and message size."""
@@ -117,14 +48,12 @@ class DeepSpeedBackend:
         # Resolved first, from files and environment only: every rank refuses a bad config alike.
         # cfg adopts the JSON's concrete values for keys left at their defaults: the trainer then saves them.
         self.ds_config, source, adopted = ds_config_for(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-        prepare_environment(cfg.train.device)
+        compat.prepare_environment(resolve_device(cfg.train.device))
         check_with_deepspeed(self.ds_config, source)
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # the trainer does the talking
-        # DeepSpeed 0.19 still calls collectives that torch 2.13 deprecates, once per rank and name.
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+        compat.quiet_deepspeed()
         accelerator = get_accelerator()
         if self.ds_config["fp16"]["enabled"] and not accelerator.is_fp16_supported():
             raise UserError(f"fp16 ({source}, train.precision=fp16) is not supported on {accelerator.device_name()}; "
@@ -140,9 +69,9 @@ class DeepSpeedBackend:
         self._host_group = torch.distributed.group.WORLD
         if self.world_size > 1 and torch.distributed.get_backend() != "gloo":
             self._host_group = torch.distributed.new_group(backend="gloo")
-        if accelerator.device_name() == "cpu":  # one rank too: shm_comm maps a buffer at any world size
+        if accelerator.device_name() == "cpu":  # under the launcher shm_comm maps a buffer at any world size
             torch.distributed.barrier()  # past it, every rank has mapped its peers' buffers (in init_distributed)
-            unlink_shared_allreduce_buffer(self.rank)
+            compat.unlink_shared_allreduce_buffer(self.rank)
         if self.rank == 0:
             for line in adopted:
                 print(line, flush=True)
@@ -181,11 +110,8 @@ class DeepSpeedBackend:
         )
         if self._replica is not None:
             self._replica.to(device=self.device, dtype=compute_dtype(self.precision))
-        # With wall_clock_breakdown (or the flops profiler) the engine prints its timers at every step;
-        # the trainer writes them to timing_logs.csv instead, so the engine's log call only resets them.
-        self.engine.timers.log = functools.partial(_reset_timers, self.engine.timers)
-        if not hasattr(self.engine.optimizer, "overflow"):
-            _skip_nonfinite_updates(self.engine.optimizer)
+        compat.quiet_engine_timers(self.engine)
+        compat.skip_nonfinite_updates(self.engine.optimizer)
         if cfg.train.compile:
             check_can_compile(self.device)
             self.engine.compile()
@@ -346,22 +272,11 @@ class DeepSpeedBackend:
         if self.zero_stage == 0:
             state = self._load_universal_stage0(folder)
         else:
-            engine._config.load_universal_checkpoint = True  # read at load time only: the engine is built already
-            try:
-                with weights_only_loads(folder):
-                    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
-            finally:
-                engine._config.load_universal_checkpoint = False
+            with compat.loading_universal(engine), weights_only_loads(folder):
+                path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
             if path is None:
                 raise UserError(f"DeepSpeed found no checkpoint in {folder}")
-            if hasattr(engine.optimizer, "clip_grad"):  # the ZeRO 1-2 loader takes the checkpoint's over the config
-                engine.optimizer.clip_grad = self.ds_config.get("gradient_clipping", 0.0)
-            # The ZeRO-3 loader hands every group one and the same step tensor, which a fused or foreach
-            # AdamW then advances in place once per group: the second group's bias correction would run ahead.
-            inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-            for param_state in inner.state.values():
-                if torch.is_tensor(param_state.get("step")):
-                    param_state["step"] = param_state["step"].clone()
+            compat.after_universal_load(engine, self.ds_config.get("gradient_clipping", 0.0))
         for group, weight_decay in zip(engine.optimizer.param_groups, (self.train_cfg.weight_decay, 0.0)):
             group.update(weight_decay=weight_decay, betas=(self.train_cfg.beta1, self.train_cfg.beta2), eps=self.train_cfg.eps)
         saved = torch.load(folder / universal.MODEL_STATES, map_location="cpu", weights_only=True)

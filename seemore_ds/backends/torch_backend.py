@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from seemore_ds import universal
 from seemore_ds.backends.base import StepStats, resolve_device, run_micro_batches, timestamp
+from seemore_ds.backends.torch_compat import fused_step_unless
 from seemore_ds.checkpoint import MODEL_FILE, WrittenBy
 from seemore_ds.compiling import check_can_compile
 from seemore_ds.config import Config
@@ -77,9 +78,7 @@ class TorchBackend:
             self.scaler.update()
             self.scheduler.step()
         else:
-            self.optimizer.found_inf = skipped.float()  # the kernel leaves everything as it was, step count included
-            self.optimizer.step()
-            del self.optimizer.found_inf
+            fused_step_unless(self.optimizer, skipped)  # the kernel leaves everything as it was, step count included
             self.scheduler.step(~skipped)
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1

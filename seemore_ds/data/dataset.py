@@ -27,8 +27,7 @@ from seemore_ds.data.images import to_rgb_array
 from seemore_ds.data.tables import table_files
 from seemore_ds.data.synthetic import synthetic_dataset
 from seemore_ds.errors import UserError
-from seemore_ds.model import IGNORE_INDEX
-from seemore_ds.tokenizer import CharTokenizer
+from seemore_ds.tokenizer import IGNORE_INDEX, CharTokenizer
 
 
 @dataclass

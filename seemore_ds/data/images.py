@@ -5,16 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from seemore_ds.errors import UserError
-
-# Pillow's own decompression-bomb limit is fixed (~89M pixels); data.max_image_pixels decides
-# instead, checked on the declared size before any pixel is decoded.
-Image.MAX_IMAGE_PIXELS = None
 
 
 class BadImage(ValueError):
@@ -38,7 +35,12 @@ def decode_base64_image(b64: str, img_size: int, max_pixels: int) -> np.ndarray:
 def decode_image_bytes(raw: bytes, img_size: int, max_pixels: int) -> np.ndarray:
     """Encoded image bytes (PNG, JPEG, ...) -> uint8 (3, img_size, img_size), or BadImage saying why not."""
     try:
-        img = Image.open(io.BytesIO(raw))  # reads the header only: the declared size, no pixels yet
+        # data.max_image_pixels decides, checked on the declared size before any pixel is decoded; Pillow's
+        # warning for images over its own limit (PIL.Image.MAX_IMAGE_PIXELS, left as it is) is not ours to
+        # print. Scoped to this call: images are decoded in worker processes or the main thread only.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))  # reads the header only: the declared size, no pixels yet
         width, height = img.size
         if width * height > max_pixels:
             raise BadImage(f"image of {width}x{height} pixels exceeds data.max_image_pixels={max_pixels} "
@@ -46,12 +48,24 @@ def decode_image_bytes(raw: bytes, img_size: int, max_pixels: int) -> np.ndarray
         img.load()
     except BadImage:
         raise
+    except Image.DecompressionBombError:  # over twice Pillow's limit: Pillow refuses it before we see its size
+        raise BadImage(_over_pillow_limit(max_pixels)) from None
     except Image.UnidentifiedImageError:
         raise BadImage("not an image") from None
     except (OSError, SyntaxError, ValueError) as err:
         reason = "truncated image" if "truncated" in str(err).lower() else f"unreadable image ({err})"
         raise BadImage(reason) from None
     return to_rgb_array(img, img_size)
+
+
+def _over_pillow_limit(max_pixels: int) -> str:
+    """Why an image Pillow refuses to open as a decompression bomb is skipped."""
+    pillow_limit = 2 * Image.MAX_IMAGE_PIXELS
+    if max_pixels < pillow_limit:
+        return (f"image of more than {pillow_limit} pixels exceeds data.max_image_pixels={max_pixels} "
+                f"(refused as a possible decompression bomb)")
+    return (f"image of more than {pillow_limit} pixels exceeds Pillow's decompression-bomb limit "
+            f"(twice PIL.Image.MAX_IMAGE_PIXELS), which data.max_image_pixels={max_pixels} does not raise")
 
 
 def read_image_file(path: str, img_size: int, max_pixels: int) -> np.ndarray:
