@@ -260,8 +260,8 @@ def run_plan(cfg: Config, target: Target, global_batch: int | None, out: str | N
             f"per rank (a plan fills at most {HEADROOM:.0%} of a device); comm = bytes each rank sends per optimizer step",
             plan_table(rows, chosen, target, budget)]
     if chosen is None:
-        raise UserError("\n".join(text[:2] + [f"plan: nothing fits, even one sample per rank with ZeRO-3 and every offload; "
-                                              f"use more or larger devices, or a smaller model"]))
+        raise UserError("\n".join(text[:2] + ["plan: nothing fits, even one sample per rank with ZeRO-3 and every offload; "
+                                              "use more or larger devices, or a smaller model"]))
     accum = global_batch // target.ranks // chosen.micro_batch
     text.append(f"choice: {chosen.choice.name()}, train_micro_batch_size_per_gpu {chosen.micro_batch}, "
                 f"gradient_accumulation_steps {accum} ({chosen.micro_batch} x {accum} x {target.ranks} rank(s) = {global_batch})")
