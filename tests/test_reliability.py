@@ -25,7 +25,7 @@ from tests.conftest import REPO, read_csv_rows
 from tests.test_deepspeed import DEEPSPEED, LAUNCH_TIMEOUT_S, launch, loss_rows
 from tests.test_deepspeed import TINY as DS_TINY
 
-LONG = ["train.max_steps=150", "log.every=1", "eval.every=0", "checkpoint.every=0"]
+LONG = ["train.max_steps=150", "log.every=1", "eval.every=0", "checkpoint.every=0", "train.precision=fp32"]
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -57,28 +57,50 @@ def assert_same_losses(ours: list[dict], theirs: list[dict], tolerance: float) -
 
 # --- preemption --------------------------------------------------------------------------------
 
-def test_a_signal_saves_the_step_and_the_printed_command_resumes_to_the_same_losses(cli, tiny, tmp_path):
-    straight = cli.ok(cli("train", *tiny, *LONG, "run.output_dir=straight", cwd=tmp_path))
+@pytest.fixture(scope="module")
+def straight_run(cli, tiny, tmp_path_factory) -> Path:
+    """150 steps uninterrupted: the losses every signalled-and-resumed run must reproduce."""
+    work = tmp_path_factory.mktemp("straight")
+    straight = cli.ok(cli("train", *tiny, *LONG, "run.output_dir=straight", cwd=work))
     assert "done: 150 steps" in straight.stdout
+    return work / "straight"
 
+
+def stop_by_signal(name: str, tiny: list[str], tmp_path: Path) -> tuple[str, int]:
+    """Train 150 steps into tmp_path/stopped, send ``name`` after step 5; checks the stop, returns (message, step)."""
+    signum = getattr(signal, name)
     job = start(["train", *tiny, *LONG, "run.output_dir=stopped"], tmp_path)
     wait_for(lambda: logged_steps(tmp_path / "stopped") >= 5, job)
-    job.send_signal(signal.SIGINT)
+    job.send_signal(signum)
     out, err = job.communicate(timeout=120)
-    assert job.returncode == 128 + signal.SIGINT, (out, err)
+    assert job.returncode == 128 + signum, (out, err)  # the shell's code for the signal, as if it had ended the job
     (line,) = err.strip().splitlines()
+    assert line.startswith(f"stopped by {name} after step "), line
     stopped_at = int(line.split("after step ")[1].split(";")[0])
     assert 5 <= stopped_at < 150, line
     tag = f"step_{stopped_at:06d}"
     assert f"saved {Path('stopped', 'checkpoints', tag)}" in line
-    verify_checkpoint(tmp_path / "stopped" / "checkpoints" / tag)
+    checkpoints = tmp_path / "stopped" / "checkpoints"
+    assert [p.name for p in checkpoints.glob("step_*")] == [tag]  # checkpoint.every=0: only the one the signal asked for
+    verify_checkpoint(checkpoints / tag)
+    assert logged_steps(tmp_path / "stopped") == stopped_at  # it finished the step it was in, and no other
+    return line, stopped_at
 
+
+def test_sigterm_saves_the_step_and_the_printed_command_resumes_to_the_same_losses(cli, tiny, straight_run, tmp_path):
+    line, stopped_at = stop_by_signal("SIGTERM", tiny, tmp_path)
     resume = line.split("resume with: ")[1]
     assert resume.startswith("python -m seemore_ds train ") and resume.endswith(" train.resume=auto")
     resumed = cli.ok(cli(*shlex.split(resume)[3:], cwd=tmp_path))
     assert f"at step {stopped_at}" in resumed.stdout and "done: 150 steps" in resumed.stdout
     assert_same_losses(read_csv_rows(tmp_path / "stopped" / "losses_log.csv"),
-                       read_csv_rows(tmp_path / "straight" / "losses_log.csv"), tolerance=1e-6)
+                       read_csv_rows(straight_run / "losses_log.csv"), tolerance=1e-6)
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGUSR1"])
+def test_ctrl_c_and_slurms_early_warning_save_and_stop_alike(tiny, tmp_path, name):
+    """SIGINT (Ctrl-C) and SIGUSR1 (``sbatch --signal=USR1@T``, ahead of the time limit) do what SIGTERM does."""
+    stop_by_signal(name, tiny, tmp_path)
 
 
 SIGNAL_SCRIPT = """
