@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -278,9 +279,10 @@ DS_STEPS = 30
 
 
 def test_deepspeed_ranks_stop_together_on_a_signal_and_resume_to_the_same_losses(tmp_path):
-    """SIGTERM to the launch's whole process group, as SLURM and ``kill -- -PGID`` send it: every rank gets
-    it, and the launcher forwards another to the ranks. Both ranks save the same step and exit; a second
-    launch resumes to the uninterrupted run's losses and then meets a run whose loss turns NaN."""
+    """SIGTERM to rank 1's process only (as a node's OOM killer or a per-task ``scancel --signal`` sends it):
+    rank 0 learns of it only through the ranks' agreement after the step, yet both save the same step, one
+    checkpoint, and exit; a second launch resumes to the uninterrupted run's losses and then meets a run
+    whose loss turns NaN."""
     def train_args(folder: str, *extra: str) -> list[str]:
         return ["train", *DS_TINY, f"train.max_steps={DS_STEPS}", "checkpoint.every=0", f"run.output_dir={tmp_path / folder}",
                 "--deepspeed_config", "ds_configs/zero1.json", *extra]
@@ -293,16 +295,22 @@ def test_deepspeed_ranks_stop_together_on_a_signal_and_resume_to_the_same_losses
                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         wait_for(lambda: logged_steps(tmp_path / "stopped") >= 3, job, timeout_s=LAUNCH_TIMEOUT_S)
-        os.killpg(job.pid, signal.SIGTERM)
-        out, err = job.communicate(timeout=120)  # until the last rank closes its end of the pipes
+        (rank1,) = [p for p in psutil.Process(job.pid).children(recursive=True)
+                    if "tests.ds_helpers" in p.cmdline() and "--local_rank=1" in p.cmdline()]
+        rank1.send_signal(signal.SIGTERM)
+        # A rank that stopped alone would leave the other waiting in a collective: this would time out.
+        out, err = job.communicate(timeout=180)  # until the last rank closes its end of the pipes
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)
-    (line,) = [line for line in err.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert job.returncode == 128 + signal.SIGTERM, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("stopped by SIGTERM")]  # rank 0's
     stopped_at = int(line.split("after step ")[1].split(";")[0])
     assert 3 <= stopped_at < DS_STEPS, line
     assert "resume with: deepspeed --num_gpus 2 --module seemore_ds train" in line
-    checkpoint = tmp_path / "stopped" / "checkpoints" / f"step_{stopped_at:06d}"
+    # One checkpoint (checkpoint.every=0), of the step rank 0 stopped at, holding both ranks' generators.
+    (checkpoint,) = (tmp_path / "stopped" / "checkpoints").glob("step_*")
+    assert checkpoint.name == f"step_{stopped_at:06d}" and logged_steps(tmp_path / "stopped") == stopped_at
     assert sorted(p.name for p in (checkpoint / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
     verify_checkpoint(checkpoint)
 
