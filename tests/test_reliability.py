@@ -279,7 +279,7 @@ DS_STEPS = 30
 
 
 def test_deepspeed_ranks_stop_together_on_a_signal_and_resume_to_the_same_losses(tmp_path):
-    """SIGTERM to rank 1's process only (as a node's OOM killer or a per-task ``scancel --signal`` sends it):
+    """SIGTERM to rank 1's process only (as ``kill PID`` or a scheduler signalling one task sends it):
     rank 0 learns of it only through the ranks' agreement after the step, yet both save the same step, one
     checkpoint, and exit; a second launch resumes to the uninterrupted run's losses and then meets a run
     whose loss turns NaN."""
