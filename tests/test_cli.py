@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from seemore_ds.__main__ import main
 from seemore_ds.data.csv_reader import read_caption_csv
 from seemore_ds.tokenizer import CharTokenizer
 
@@ -131,30 +133,139 @@ def test_fp16_on_cpu_is_refused_pointing_at_bf16(cli, tiny, tmp_path):
     assert "bf16" in cli.user_error(result, "fp16")
 
 
-def test_bf16_on_cpu_trains(cli, tiny, tmp_path):
-    cli.ok(cli("train", *tiny, "train.precision=bf16", "train.max_steps=2", "log.every=1", "run.output_dir=runs/bf16",
-               cwd=tmp_path))
-    rows = read_rows(tmp_path / "runs" / "bf16" / "losses_log.csv")
-    assert len(rows) == 2 and all(math.isfinite(float(r["train_loss"])) for r in rows)
+def test_bf16_on_cpu_computes_in_bf16(tiny_run, tmp_path):
+    """The training steps' layers really compute in bf16 under train.precision=bf16 (seen by a forward hook
+    on every module), in float32 under fp32; a run that ignored the setting would train in float32."""
+    def linear_output_dtypes(precision: str) -> set[torch.dtype]:
+        seen = set()
+
+        def record(module, inputs, output):
+            if isinstance(module, torch.nn.Linear) and module.training:  # not the captioning at evaluations
+                seen.add(output.dtype)
+
+        hook = torch.nn.modules.module.register_module_forward_hook(record)
+        try:
+            assert main(["train", *tiny_run.overrides, f"train.precision={precision}", "train.max_steps=2",
+                         f"run.output_dir={tmp_path / precision}"]) == 0
+        finally:
+            hook.remove()
+        rows = read_rows(tmp_path / precision / "losses_log.csv")
+        assert len(rows) == 2 and all(math.isfinite(float(r["train_loss"])) for r in rows)
+        return seen
+
+    assert linear_output_dtypes("bf16") == {torch.bfloat16}
+    assert linear_output_dtypes("fp32") == {torch.float32}
+
+
+# --- the optimizer: schedule and clipping --------------------------------------------------------
+
+SCHEDULE = ["train.precision=fp32", "train.max_steps=8", "train.warmup_steps=3", "train.lr=0.01", "train.min_lr_ratio=0.1",
+            # Adam divides out the gradients' scale, so a clip would not show with the usual eps; 1e-3 is
+            # comparable to these gradients' entries.
+            "train.eps=1e-3", "log.every=1", "eval.every=0", "checkpoint.every=0"]
+
+
+@pytest.fixture(scope="module")
+def clipped_and_not(cli, tiny, tmp_path_factory) -> tuple[list[dict], list[dict]]:
+    """The same 8 steps with train.grad_clip=0.05 (below every gradient norm here) and with clipping off."""
+    work = tmp_path_factory.mktemp("clip")
+    for name, clip in (("clipped", "0.05"), ("unclipped", "0")):
+        cli.ok(cli("train", *tiny, *SCHEDULE, f"train.grad_clip={clip}", f"run.output_dir={name}", cwd=work))
+    return read_rows(work / "clipped" / "losses_log.csv"), read_rows(work / "unclipped" / "losses_log.csv")
+
+
+def expected_lr(step: int, lr=0.01, warmup=3, max_steps=8, min_ratio=0.1) -> float:
+    """The rate of optimizer step ``step`` (from 1): linear warm-up over ``warmup`` steps, then a cosine
+    from lr down to lr * min_ratio at max_steps (written out here, apart from seemore_ds/optim.py)."""
+    done = step - 1  # updates before this one
+    if done < warmup:
+        return lr * (done + 1) / (warmup + 1)
+    progress = (done - warmup) / (max_steps - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * progress)) / 2)
+
+
+def test_the_lr_column_follows_warm_up_then_cosine_decay(clipped_and_not):
+    for rows in clipped_and_not:
+        assert [int(r["step"]) for r in rows] == list(range(1, 9))
+        for row in rows:
+            assert float(row["lr"]) == pytest.approx(expected_lr(int(row["step"])), rel=1e-5), row
+
+
+def test_grad_clip_changes_the_update_and_the_log_shows_the_norm_before_clipping(clipped_and_not):
+    clipped, unclipped = clipped_and_not
+    # Step 1 starts from the same weights and batch: the same gradient, whose norm is logged before clipping.
+    assert float(clipped[0]["grad_norm"]) == pytest.approx(float(unclipped[0]["grad_norm"]), rel=1e-5)
+    assert all(float(r["grad_norm"]) > 0.05 * 1.5 for r in clipped)  # so the clip binds at every step
+    assert clipped[0]["train_loss"] == unclipped[0]["train_loss"]
+    assert abs(float(clipped[1]["train_loss"]) - float(unclipped[1]["train_loss"])) > 1e-3  # the first update differed
+
+
+# --- refusals --------------------------------------------------------------------------------------
+
+def test_resuming_with_other_model_sizes_is_one_line(cli, tiny_run, tmp_path):
+    checkpoint = tiny_run.run_dir / "checkpoints" / "step_000006"
+    result = cli("train", *tiny_run.overrides, "model.n_embd=64", f"train.resume={checkpoint}", "run.output_dir=other",
+                 cwd=tmp_path)
+    cli.user_error(result, f"checkpoint {checkpoint} was trained with model.n_embd=32, but the config says 64",
+                   "use the same model sizes to resume")
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_latest_pointer_naming_a_missing_checkpoint_is_one_line(cli, tiny_run, tmp_path, command):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    (run_dir / "checkpoints" / "latest").write_text("step_000099\n")
+    args = {"train": ["train", *tiny_run.overrides, f"train.resume={run_dir}", "run.output_dir=elsewhere"],
+            "eval": ["eval", "--checkpoint", run_dir]}[command]
+    cli.user_error(cli(*args, cwd=tmp_path), f"{run_dir / 'checkpoints' / 'latest'} names step_000099, which is missing")
 
 
 # --- using the trained run ---------------------------------------------------------------------
 
-def test_generate_prints_a_caption(cli, tiny_run, synth_data):
-    _, pngs, _ = synth_data
-    result = cli.ok(cli("generate", "--checkpoint", "runs/tiny", "--image", pngs / "00.png", cwd=tiny_run.work_dir))
-    lines = result.stdout.splitlines()
-    assert len(lines) == 1
-    known = set(CharTokenizer.load(tiny_run.run_dir / "tokenizer.json").chars) | {"\ufffd"}
-    assert set(lines[0]) <= known
+@pytest.fixture(scope="module")
+def memorised(cli, tiny, synth_data, tmp_path_factory):
+    """The tiny model trained 200 steps on synth.csv's 20 images, held out too: it learns every caption
+    by heart (exact match 1.000). Returns (run folder, the PNGs, synth.csv's captions in row order)."""
+    csv_path, pngs, _ = synth_data
+    work = tmp_path_factory.mktemp("memorised")
+    result = cli.ok(cli("train", *tiny, f"data.csv={csv_path}", f"data.val_csv={csv_path}", "train.batch_size=20",
+                        "train.max_steps=200", "train.lr=0.01", "train.warmup_steps=10", "train.precision=fp32",
+                        "log.every=50", "eval.every=0", "checkpoint.every=0", "run.output_dir=run", cwd=work))
+    assert "caption exact match 1.000 on 20 held-out rows" in result.stdout
+    return work / "run", pngs, [row["caption"] for row in read_rows(csv_path)]
 
 
-def test_generate_several_images_prints_one_line_each(cli, tiny_run, synth_data):
-    _, pngs, _ = synth_data
-    images = [pngs / "01.png", pngs / "02.png"]
-    result = cli.ok(cli("generate", "--checkpoint", tiny_run.run_dir, "--image", *images, cwd=tiny_run.work_dir))
-    lines = result.stdout.splitlines()
-    assert [line.split("\t")[0] for line in lines] == [str(p) for p in images]
+def generated(capsys, *args) -> list[str]:
+    """``generate ARGS`` in this process (the flags' parsing included); one caption per image."""
+    assert main(["generate", *map(str, args)]) == 0
+    return [line.split("\t")[-1] for line in capsys.readouterr().out.splitlines()]
+
+
+def test_generate_prints_the_caption_a_memorised_image_was_trained_with(cli, memorised):
+    run_dir, pngs, captions = memorised
+    result = cli.ok(cli("generate", "--checkpoint", run_dir.name, "--image", pngs / "00.png", cwd=run_dir.parent))
+    assert result.stdout == captions[0] + "\n"
+
+
+def test_generate_several_images_prints_one_line_each(cli, memorised):
+    run_dir, pngs, captions = memorised
+    images = [pngs / "01.png", pngs / "02.png", pngs / "03.png"]
+    result = cli.ok(cli("generate", "--checkpoint", run_dir, "--image", *images, cwd=run_dir.parent))
+    assert result.stdout.splitlines() == [f"{path}\t{caption}" for path, caption in zip(images, captions[1:4])]
+
+
+def test_generate_flags_sample_bound_and_seed_the_captions(memorised, capsys):
+    run_dir, pngs, captions = memorised
+    images = [pngs / f"{i:02d}.png" for i in range(4)]
+    greedy = generated(capsys, "--checkpoint", run_dir, "--image", *images)
+    assert greedy == captions[:4]
+    assert generated(capsys, "--checkpoint", run_dir, "--image", *images, "--max-new-tokens", 5) == [c[:5] for c in greedy]
+    hot = ["--checkpoint", run_dir, "--image", *images, "--temperature", 3]
+    seed0 = generated(capsys, *hot, "--seed", 0)
+    assert generated(capsys, *hot, "--seed", 0) == seed0  # a seed gives the same samples again
+    assert generated(capsys, *hot, "--seed", 1) != seed0
+    assert seed0 != greedy  # temperature 3 flattens the model's certainty enough to stray
+    assert generated(capsys, *hot, "--top-k", 1) == greedy  # sampling from the one most likely character
 
 
 def test_generate_with_a_missing_image_is_one_line(cli, tiny_run):
@@ -179,6 +290,28 @@ def test_eval_on_a_csv(cli, tiny_run, synth_data):
     metrics = json.loads(result.stdout)
     assert metrics["n"] == 20 and metrics["skipped_rows"] == 0
     assert math.isfinite(metrics["val_loss"]) and 0.0 <= metrics["caption_exact_match"] <= 1.0
+
+
+def test_eval_flags_choose_the_data_and_the_output_but_not_the_figures(cli, memorised, tmp_path, capsys):
+    run_dir, _, _ = memorised
+    assert main(["eval", "--checkpoint", str(run_dir), "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert (own["n"], own["caption_exact_match"], own["skipped_rows"]) == (20, 1.0, 0) and own["val_loss"] < 0.01
+    # --batch-size bounds the memory only: the same figures in batches of 3.
+    assert main(["eval", "--checkpoint", str(run_dir), "--json", "--batch-size", "3"]) == 0
+    batched = json.loads(capsys.readouterr().out)
+    assert batched["n"] == 20 and batched["caption_exact_match"] == 1.0
+    assert batched["val_loss"] == pytest.approx(own["val_loss"], rel=1e-5)
+    # Without --json: one line with the same figures.
+    assert main(["eval", "--checkpoint", str(run_dir)]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.endswith(f": val_loss {own['val_loss']:.4f}, caption_exact_match 1.000 on 20 rows"), line
+    # --data: images the model never saw, 6 of them, which it cannot caption as well.
+    assert main(["data", "synth", "--out", str(tmp_path / "unseen.csv"), "--n", "6", "--seed", "1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run_dir), "--data", str(tmp_path / "unseen.csv"), "--json"]) == 0
+    unseen = json.loads(capsys.readouterr().out)
+    assert unseen["n"] == 6 and unseen["val_loss"] > 10 * own["val_loss"]
 
 
 def test_eval_of_a_folder_without_checkpoints_is_one_line(cli, tmp_path):

@@ -137,8 +137,9 @@ def _train_scenarios(tmp: Path):
     def train_args(name, steps, folder, *extra):
         ds_config, overrides = SCENARIOS[name]
         ds_config = str(tmp / ds_config) if ds_config.startswith("HF_") else ds_config
-        return ["train", *TINY, *overrides, *extra, f"train.max_steps={steps}", f"run.output_dir={tmp / name / folder}",
-                "--deepspeed_config", ds_config]
+        # Dropout draws from every rank's generators at every step: a resume that lost their states differs.
+        return ["train", *TINY, "model.dropout=0.05", *overrides, *extra, f"train.max_steps={steps}",
+                f"run.output_dir={tmp / name / folder}", "--deepspeed_config", ds_config]
 
     first = [train_args(n, FULL, "full") for n in SCENARIOS] + [train_args(n, HALF, "resumed") for n in SCENARIOS]
     result = launch(first, tmp, "first")
@@ -186,20 +187,29 @@ def test_checkpoint_is_sharded_per_rank_and_export_matches_engine(runs, name, ca
 
 def test_hf_style_config_in_one_process_matches_the_engine_free_backend(tmp_path):
     """No launcher: the backend makes its own one-rank world; an all-"auto" HF ZeRO-2 config trains
-    with gradient accumulation exactly as the engine-free backend does (same AdamW, schedule, clipping)."""
+    with gradient accumulation exactly as the engine-free backend does (same AdamW, schedule, clipping).
+
+    Where the optimizer's settings show: past warm-up into the cosine decay, at an lr large enough to move,
+    with a gradient clip that binds at every step and a weight decay large enough to count, so that one
+    backend dropping the no-decay groups, the clip or the schedule changes the losses. Adam divides out
+    the scale of the gradients, clipped or not, unless eps is comparable to them: eps=1e-3 lets the clip show."""
     config = tmp_path / "zero2.json"
     config.write_text(json.dumps(HF_ZERO2, indent=4))
-    same = [*TINY, "train.max_steps=3", "train.grad_accum=2", "train.device=cpu"]
+    same = [*TINY, "train.max_steps=6", "train.warmup_steps=2", "train.lr=0.02", "train.grad_clip=0.1",
+            "train.weight_decay=0.5", "train.eps=1e-3", "train.grad_accum=2", "train.device=cpu", "train.precision=fp32"]
     result = cli(["train", *same, "train.backend=deepspeed", f"run.output_dir={tmp_path / 'engine'}",
                   "--deepspeed_config", str(config)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DeepSpeedBackend on cpu x 1" in result.stdout
     assert main(["train", *same, "train.backend=torch", f"run.output_dir={tmp_path / 'torch'}"]) == 0
     engine, plain = loss_rows(tmp_path / "engine"), loss_rows(tmp_path / "torch")
-    assert len(engine) == len(plain) == 3
+    assert len(engine) == len(plain) == 6
     for a, b in zip(engine, plain):
         for key in ("train_loss", "grad_norm", "lr"):
             assert abs(float(a[key]) - float(b[key])) <= 1e-5, (key, a, b)
+    rates = [float(r["lr"]) for r in plain]
+    assert rates.index(max(rates)) == 2 and rates[-1] < rates[2]  # warm-up over at step 3, then the decay
+    assert all(float(r["grad_norm"]) > 0.1 for r in plain)  # the clip binds at every step
 
 
 def test_error_on_one_rank_ends_every_rank(runs, tmp_path):
@@ -322,10 +332,14 @@ def test_flops_profiler_timers_and_mfu_under_two_rank_zero2(tmp_path, monkeypatc
     profiled_per_sample = 3 * figure("fwd flops per GPU") / cfg.train.batch_size  # one micro-batch's forward, x3
     assert abs(profiled_per_sample / flops_per_sample - 1) <= 0.10, (profiled_per_sample, flops_per_sample)
 
-    for row in csv.DictReader(open(run_dir / "timing_logs.csv", newline="")):
+    timings = list(csv.DictReader(open(run_dir / "timing_logs.csv", newline="")))
+    for row in timings:
         assert all(float(row[k]) > 0 for k in ("forward_s", "backward_s", "backward_allreduce_s", "optimizer_s")), row
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["samples"] == 3 * 4 * 2 * 2  # steps x batch_size x grad_accum x ranks
+    # samples/s (which MFU is checked against below) is the step's samples over rank 0's logged step time.
+    for row, timing in zip(loss_rows(run_dir), timings, strict=True):
+        assert float(row["samples_per_s"]) == pytest.approx(4 * 2 * 2 / float(timing["step_s"]), rel=1e-4)
     for row in loss_rows(run_dir):
         expected = float(row["samples_per_s"]) * flops_per_sample / (summary["peak_tflops_per_device"] * 1e12 * 2)
         assert 0 < float(row["mfu"]) < 1 and float(row["mfu"]) == pytest.approx(expected, rel=1e-4)

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from matplotlib.figure import Figure
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.throughput import SEEMORE_SIZES
 from seemore_ds.backends.ds_config import resolve_ds_config
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError
-from seemore_ds.metrics.plots import PLOT_FILES
+from seemore_ds.metrics.plots import PLOT_FILES, plot_runs
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.tokenizer import CharTokenizer
 from tests.conftest import read_csv_rows
@@ -29,24 +35,69 @@ def model_flops_per_sample(run_dir: Path) -> int:
     return SeemoreVLM(cfg.model, CharTokenizer.load(run_dir / "tokenizer.json").vocab_size).flops_per_sample()
 
 
+@dataclass
+class ObservedRun:
+    run_dir: Path
+    result: subprocess.CompletedProcess
+    wall_s: float  # the whole process as the test timed it: start-up, data, evaluation and plots included
+
+
 @pytest.fixture(scope="module")
-def default_size_run(cli, tmp_path_factory):
+def default_size_run(cli, tmp_path_factory) -> ObservedRun:
     """seemore's default model sizes (captions up to 48 characters, as the built-in data needs), 3 steps on
     the engine-free backend, every observability option on."""
     work = tmp_path_factory.mktemp("observe")
     sizes = [f"model.{key}={value}" for key, value in {**SEEMORE_SIZES, "max_caption_len": 48}.items()]
     overrides = [*sizes, "data.synth_n=64", "train.batch_size=8", "train.max_steps=3", "log.every=1", "eval.every=2",
-                 "train.backend=torch", "train.device=cpu", "log.progress=false", "profile.flops_step=2",
-                 "profile.torch_trace=2:3", "run.output_dir=run"]
+                 "train.backend=torch", "train.device=cpu", "train.precision=fp32", "log.progress=false",
+                 "profile.flops_step=2", "profile.torch_trace=2:3", "run.output_dir=run"]
+    started = time.perf_counter()
     result = cli.ok(cli("train", *overrides, cwd=work))
-    return work / "run", result
+    return ObservedRun(work / "run", result, time.perf_counter() - started)
+
+
+def counted_flops_per_sample(run_dir: Path, backward: bool, batch: int = 8) -> float:
+    """FLOPs of one sample as torch's FlopCounterMode counts them on the run's model (its matmuls,
+    convolutions and attention, dispatched op by op): independent of the model's own formula."""
+    cfg = load_config(str(run_dir / "config.yaml"))
+    vocab = CharTokenizer.load(run_dir / "tokenizer.json").vocab_size
+    model = SeemoreVLM(cfg.model, vocab)
+    images = torch.rand(batch, 3, cfg.model.img_size, cfg.model.img_size)
+    tokens = torch.randint(0, vocab, (batch, model.text_len))
+    with FlopCounterMode(display=False) as counter:
+        _, loss = model(images, tokens, tokens)
+        if backward:
+            loss.backward()
+    return counter.get_total_flops() / batch
+
+
+def test_samples_per_s_is_the_samples_over_the_logged_step_time_within_the_wall_time(default_size_run):
+    """samples/s (and so tokens/s and MFU, derived from it below) against time measured apart from it: the
+    timing CSV's step_s, whose sum cannot exceed the wall time the test measured around the process."""
+    run = default_size_run
+    rows, timings = read_csv_rows(run.run_dir / "losses_log.csv"), read_csv_rows(run.run_dir / "timing_logs.csv")
+    assert [r["step"] for r in rows] == [r["step"] for r in timings] == ["1", "2", "3"]
+    samples_per_step = 8  # train.batch_size x train.grad_accum x 1 rank
+    for row, timing in zip(rows, timings):  # log.every=1: each row's interval is its own step
+        assert float(row["samples_per_s"]) == pytest.approx(samples_per_step / float(timing["step_s"]), rel=1e-4)
+    logged_s = sum(float(t["step_s"]) for t in timings)
+    assert 0 < logged_s < run.wall_s
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["samples"] == 3 * samples_per_step
+    # The mean of the rows' rates: at least the rate over the summed time (the arithmetic mean of rates is at
+    # least their harmonic mean), at most the fastest row's.
+    rates = [float(r["samples_per_s"]) for r in rows]
+    assert 3 * samples_per_step / logged_s * (1 - 1e-4) <= summary["mean_samples_per_s"] <= max(rates) * (1 + 1e-4)
 
 
 def test_mfu_on_cpu_at_default_sizes_is_samples_per_s_times_flops_over_peak(default_size_run):
-    run_dir, result = default_size_run
+    run_dir, result = default_size_run.run_dir, default_size_run.result
     summary = json.loads((run_dir / "summary.json").read_text())
     flops = model_flops_per_sample(run_dir)
     assert summary["flops_per_sample"] == flops > 0
+    # The model's formula against torch's own count of the ops a training step dispatches (forward and
+    # backward; the backward skips the image's gradient, so it counts a little less than 2 x forward).
+    assert flops == pytest.approx(counted_flops_per_sample(run_dir, backward=True), rel=0.02)
     peak = summary["peak_tflops_per_device"]
     assert peak > 0 and "measured fp32 matmul" in result.stdout
     rows = read_csv_rows(run_dir / "losses_log.csv")
@@ -62,11 +113,12 @@ def test_mfu_on_cpu_at_default_sizes_is_samples_per_s_times_flops_over_peak(defa
 
 
 def test_flops_profile_trace_timings_and_memory_of_the_engine_free_path(default_size_run):
-    run_dir, result = default_size_run
+    run_dir, result = default_size_run.run_dir, default_size_run.result
     headline = (run_dir / "flops_profile.txt").read_text()
     assert "flops (the model's own count)" in headline and "flops (the model's own count)" in result.stdout
     forward_gflops = float(next(line for line in headline.splitlines() if line.startswith("forward_gflops:")).split()[1])
-    assert forward_gflops * 1e9 * 3 == pytest.approx(model_flops_per_sample(run_dir) * 8)
+    # One micro-batch of 8, against torch's count of the forward's ops.
+    assert forward_gflops * 1e9 == pytest.approx(8 * counted_flops_per_sample(run_dir, backward=False), rel=0.02)
     trace = json.loads((run_dir / "torch_trace.json").read_text())
     assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
     for row in read_csv_rows(run_dir / "timing_logs.csv"):
@@ -79,7 +131,7 @@ def test_flops_profile_trace_timings_and_memory_of_the_engine_free_path(default_
 
 
 def test_summary_json_and_console_table(default_size_run):
-    run_dir, result = default_size_run
+    run_dir, result = default_size_run.run_dir, default_size_run.result
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["samples"] == 24 and summary["skipped_steps"] == 0
     assert summary["checkpoint"] == "run/checkpoints/step_000003" and (run_dir.parent / summary["checkpoint"]).is_dir()
@@ -91,13 +143,73 @@ def test_summary_json_and_console_table(default_size_run):
     assert "  mean_mfu  " in result.stdout
 
 
-def test_plots_of_one_run_and_of_several_overlaid(default_size_run, tiny_run, cli, tmp_path):
-    run_dir, _ = default_size_run
+def drawn_figures(monkeypatch) -> dict[str, Figure]:
+    """Every Figure saved from now on, by file name: what the plots draw, not only that a PNG was written."""
+    figures, save = {}, Figure.savefig
+
+    def recorded(figure, path, *args, **kwargs):
+        figures[Path(path).name] = figure
+        return save(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recorded)
+    return figures
+
+
+def lines_by_label(ax) -> dict[str, tuple[list[float], list[float]]]:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def legend_labels(ax) -> list[str]:
+    return [text.get_text() for text in ax.get_legend().get_texts()]
+
+
+def test_plots_of_one_run_and_of_several_overlaid(default_size_run, tiny_run, cli, tmp_path, monkeypatch):
+    """The overlay draws each run's CSV columns as its own lines, named after its folder in the legend."""
+    run_dir = default_size_run.run_dir
     assert all((run_dir / name).stat().st_size > 10_000 for name in PLOT_FILES)
     result = cli.ok(cli("plot", run_dir, tiny_run.run_dir, "--out", "compare", cwd=tmp_path))
     assert sorted(Path(line).name for line in result.stdout.split()) == sorted(PLOT_FILES)
     assert all((tmp_path / "compare" / name).is_file() for name in PLOT_FILES)
     cli.user_error(cli("plot", run_dir, tiny_run.run_dir, cwd=tmp_path), "needs a folder for the PNGs: add --out DIR")
+
+    figures = drawn_figures(monkeypatch)
+    plot_runs([run_dir, tiny_run.run_dir], tmp_path / "in_process")
+    assert sorted(figures) == sorted(PLOT_FILES)
+    runs = {"run": run_dir, "tiny": tiny_run.run_dir}  # the legend's names: the folders' names
+    losses = {name: read_csv_rows(folder / "losses_log.csv") for name, folder in runs.items()}
+    timings = {name: read_csv_rows(folder / "timing_logs.csv") for name, folder in runs.items()}
+    memory = {name: read_csv_rows(folder / "memory_log.csv") for name, folder in runs.items()}
+
+    def csv_column(rows: list[dict], key: str, scale: float = 1.0) -> tuple[list[float], list[float]]:
+        rows = [r for r in rows if r[key] != ""]
+        return [float(r["step"]) for r in rows], [float(r[key]) * scale for r in rows]
+
+    def assert_drawn(drawn: tuple[list[float], list[float]], expected: tuple[list[float], list[float]]) -> None:
+        assert drawn[0] == expected[0]
+        assert drawn[1] == pytest.approx(expected[1], rel=1e-12)
+
+    (loss_ax,) = figures["loss_curve.png"].axes
+    assert legend_labels(loss_ax) == ["run train", "run val", "tiny train", "tiny val"]
+    drawn = lines_by_label(loss_ax)
+    for name, rows in losses.items():
+        assert_drawn(drawn[f"{name} train"], csv_column(rows, "train_loss"))
+        assert_drawn(drawn[f"{name} val"], csv_column(rows, "val_loss"))
+    (lr_ax,) = figures["lr_curve.png"].axes
+    assert legend_labels(lr_ax) == ["run", "tiny"]
+    for name, rows in losses.items():
+        assert_drawn(lines_by_label(lr_ax)[name], csv_column(rows, "lr"))
+    speed_ax, mfu_ax = figures["throughput_curve.png"].axes
+    assert legend_labels(speed_ax) == ["run", "tiny"]
+    for name, rows in losses.items():
+        assert_drawn(lines_by_label(speed_ax)[name], csv_column(rows, "samples_per_s"))
+        assert_drawn(lines_by_label(mfu_ax)[name], csv_column(rows, "mfu", scale=100))
+    panels = figures["timing_curve.png"].axes  # one panel per run, titled with its name
+    assert [ax.get_title() for ax in panels] == ["run", "tiny"]
+    for ax, (name, rows) in zip(panels, timings.items()):
+        assert_drawn(lines_by_label(ax)["whole step"], csv_column(rows, "step_s", scale=1000))
+    (memory_ax,) = figures["memory_curve.png"].axes
+    for name, rows in memory.items():
+        assert_drawn(lines_by_label(memory_ax)[f"{name} process RSS"], csv_column(rows, "rss_mib"))
 
 
 @pytest.mark.parametrize("override, message", [
