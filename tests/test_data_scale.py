@@ -174,7 +174,7 @@ def test_a_decode_killed_midway_is_never_trusted(tmp_path):
     try:
         assert build.stdout.readline().strip() == "midway", build.stderr.read()
         partial = list(cache.glob(".*.u8.*.tmp"))
-        assert len(partial) == 1 and partial[0].stat().st_size > 0  # pixels were being written
+        assert len(partial) == 1 and partial[0].stat().st_size > 0  # grown for the chunks handed out before the stop (not a timing matter)
     finally:
         os.killpg(build.pid, signal.SIGKILL)  # the builder and its decode workers, mid-write
         build.wait(timeout=60)
