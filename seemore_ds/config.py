@@ -82,7 +82,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 1337
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: the fastest for this model here (docs/precision.md)
     backend: str = "auto"  # torch | deepspeed | auto
     device: str = "auto"  # auto | cpu | cuda
     resume: str = "none"  # none | auto | PATH
@@ -153,7 +153,7 @@ CHOICES = {
     "data.on_bad_row": ("skip", "error"),
     "model.image_tokens": ("patches", "pooled", "cls"),
     "model.patch_embed": ("conv_stem", "patch"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.backend": ("torch", "deepspeed", "auto"),
     "train.device": ("auto", "cpu", "cuda"),
     "wandb.mode": ("online", "offline"),

@@ -23,6 +23,7 @@ from seemore_ds.metrics.csv_log import LOSS_COLUMNS, TIMING_COLUMNS, CSVLog
 from seemore_ds.metrics.monitor import RunMonitor
 from seemore_ds.metrics.plots import plot_run
 from seemore_ds.model import SeemoreVLM
+from seemore_ds.precision import with_precision
 from seemore_ds.profiling import MIB
 from seemore_ds.run_summary import run_summary, summary_table, write_summary
 from seemore_ds.step_guard import StepGuard
@@ -77,6 +78,8 @@ class Trainer:
         with torch.device("meta"):  # the parameters' names and shapes, for a conversion between layouts
             model_shapes = SeemoreVLM(cfg.model, self.tokenizer.vocab_size)
         self.backend = build_backend(model, cfg)
+        # The run's files, console and MFU speak of the precision it trains in: train.precision=auto settled.
+        self.cfg = self.checkpoints.cfg = cfg = with_precision(cfg, self.backend.precision)
         # How many processes decoded rather than mapped the image cache, and their summed decode rate, for
         # the console's data line; every rank counts.
         rate = data.decode.rows_per_s if data.decode else 0.0

@@ -19,6 +19,7 @@ from seemore_ds.errors import UserError
 from seemore_ds.evaluation import token_loss_sum
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import DeviceLRSchedule, param_groups
+from seemore_ds.precision import AUTO, agreed_precision, auto_choice
 
 GRAD_SCALER_FILE = "grad_scaler.pt"  # fp16 only: the loss scale
 
@@ -29,6 +30,9 @@ class TorchBackend:
     def __init__(self, model: SeemoreVLM, cfg: Config):
         self.device = resolve_device(cfg.train.device)
         precision = cfg.train.precision
+        if precision == AUTO:
+            precision = agreed_precision(lambda: auto_choice(model, cfg.train.batch_size, self.device), 0, self.device)
+        self.precision = precision  # what the run trains in: train.precision with auto settled
         if precision == "fp16" and self.device.type != "cuda":
             raise UserError("train.precision=fp16 needs a CUDA GPU (CPU autocast has no fp16 loss scaling); use train.precision=bf16 on CPU")
         self.module = model.to(self.device)
@@ -111,7 +115,7 @@ class TorchBackend:
         pass
 
     def layout(self) -> WrittenBy:
-        return WrittenBy("torch", 1, None, self.train_cfg.precision)
+        return WrittenBy("torch", 1, None, self.precision)
 
     def finish(self, run_dir: Path) -> None:
         pass  # no engine, nothing recorded beside the trainer's own logs
