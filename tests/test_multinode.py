@@ -32,7 +32,7 @@ from seemore_ds.errors import UserError
 VENV_BIN = str(Path(sys.executable).parent)
 TINY = ["model.img_size=32", "model.patch_size=16", "model.image_embed_dim=32", "model.num_blks=1", "model.n_embd=32",
         "model.n_layer=1", "model.n_head=2", "data.synth_n=64", "train.batch_size=8", "log.every=1",
-        "log.progress=false", "eval.every=2", "checkpoint.every=2"]
+        "log.progress=false", "eval.every=2", "checkpoint.every=2", "train.precision=fp32"]
 HOSTFILE = "# two nodes on one machine\nnode-a slots=1\nnode-b slots=1\n"
 SUBNET = "10.213.0"  # exists only inside the test's namespaces
 LAUNCH_TIMEOUT_S = 600  # a fresh machine first JIT-builds deepspeed_shm_comm (minutes on 2 cores)
