@@ -186,7 +186,20 @@ def auto_choice(model: torch.nn.Module, micro_batch: int, device: torch.device,
 
 def with_precision(cfg: Config, precision: str) -> Config:
     """A copy of ``cfg`` that says the precision the run trains in (``cfg`` itself is left as loaded)."""
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+    settled = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+    settled.explicit_keys = cfg.explicit_keys  # what the user set still outranks a DeepSpeed JSON
+    return settled
+
+
+def keep_checkpoint_precision(cfg: Config, checkpoint_precision: str, checkpoint: str, say: Callable[[str], None]) -> Config:
+    """``auto`` on a resumed run is the precision the checkpoint was trained in (``cfg`` unchanged otherwise).
+
+    A pick that changed between runs (another machine, a deleted cache) would change the run's numbers
+    midway, and DeepSpeed cannot load a checkpoint of one precision natively into an engine of another."""
+    if cfg.train.precision != AUTO:
+        return cfg
+    say(Choice(checkpoint_precision, f"the precision {checkpoint} was trained in").line())
+    return with_precision(cfg, checkpoint_precision)
 
 
 def agreed_precision(decide: Callable[[], Choice], rank: int, device: torch.device) -> str:

@@ -23,7 +23,7 @@ from seemore_ds.metrics.csv_log import LOSS_COLUMNS, TIMING_COLUMNS, CSVLog
 from seemore_ds.metrics.monitor import RunMonitor
 from seemore_ds.metrics.plots import plot_run
 from seemore_ds.model import SeemoreVLM
-from seemore_ds.precision import with_precision
+from seemore_ds.precision import keep_checkpoint_precision, with_precision
 from seemore_ds.profiling import MIB
 from seemore_ds.run_summary import run_summary, summary_table, write_summary
 from seemore_ds.step_guard import StepGuard
@@ -70,6 +70,7 @@ class Trainer:
         if self.resume_from:
             saved = ckpt.load_checkpoint_config(self.resume_from)
             check_same_model(cfg, saved, self.resume_from)
+            cfg = keep_checkpoint_precision(cfg, ckpt.written_by(self.resume_from).precision, str(self.resume_from), self.say)
             self.tokenizer = CharTokenizer.load(self.resume_from / ckpt.TOKENIZER_FILE)
         else:
             self.tokenizer = CharTokenizer.from_captions(train_data.captions)

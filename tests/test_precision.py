@@ -96,7 +96,7 @@ def picked(run_dir: Path) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def engine_free_runs(cli, tmp_path_factory):
     """Two engine-free runs at the two-node test's shape, with a cache of their own: the first measures, the
-    second resumes it with the figures forged so that the other precision wins."""
+    second resumes it with the cache's figures forged so that the other precision would win."""
     work = tmp_path_factory.mktemp("auto")
     cache = work / "cache"
     args = ["train", *NODE_TINY, "train.backend=torch", "train.device=cpu", "train.precision=auto",
@@ -118,12 +118,11 @@ def test_engine_free_auto_says_what_it_picked_and_the_run_records_it(engine_free
     assert line.startswith(f"precision: auto -> {pick} (measured: bf16 step ")
     assert f"backend TorchBackend on cpu x 1, {pick}" in first
     assert pick in ("fp32", "bf16") and written_by == pick  # RUN/config.yaml and the checkpoint: the pick, not auto
-    # Resumed with the cache saying the other precision is twice as fast: auto is settled again, from the cache,
-    # and the run trains on in that precision (the checkpoint says which wrote it).
-    other = OTHER[pick]
-    assert f"precision: auto -> {other} (cached: bf16 step 2.00x " in resumed
-    assert f"backend TorchBackend on cpu x 1, {other}" in resumed
-    assert picked(work / "run") == (other, other)
+    # Resumed with the cache saying the other precision is twice as fast: the run goes on in the checkpoint's.
+    checkpoint = Path("run") / "checkpoints" / "step_000002"  # as run.output_dir=run names it
+    assert f"precision: auto -> {pick} (the precision {checkpoint} was trained in)" in resumed
+    assert f"backend TorchBackend on cpu x 1, {pick}" in resumed and "cached:" not in resumed
+    assert picked(work / "run") == (pick, pick)
 
 
 def test_two_ranks_on_two_nodes_train_in_rank_0s_pick(engine_free_runs):
