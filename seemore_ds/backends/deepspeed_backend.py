@@ -112,6 +112,9 @@ def comms_table(summary: dict, world_size: int) -> str:
 
 class DeepSpeedBackend:
     def __init__(self, model: SeemoreVLM, cfg: Config):
+        # A dry settling first, of a copy, from files and environment only: a bad config is refused alike on
+        # every rank before anything is started or changed. train.precision=auto is settled for real below.
+        ds_config_for(copy.deepcopy(cfg), int(os.environ.get("WORLD_SIZE", 1)))
         prepare_environment(cfg.train.device)
         import deepspeed
         from deepspeed.accelerator import get_accelerator
@@ -131,9 +134,9 @@ class DeepSpeedBackend:
         def pick_auto(open_precisions: tuple[str, ...], micro_batch: int) -> str:  # a broadcast from rank 0
             return agreed_precision(lambda: auto_choice(model, micro_batch, self.device, open_precisions), self.rank, self.device)
 
-        # Resolved from files, the environment and, for train.precision=auto, rank 0's pick, which every rank
-        # receives: every rank settles alike and refuses a bad config alike.
-        # cfg adopts the JSON's concrete values for keys left at their defaults: the trainer then saves them.
+        # Settled from files, the environment and, for train.precision=auto, rank 0's pick, which every rank
+        # receives: every rank settles alike. cfg adopts the JSON's concrete values for keys left at their
+        # defaults: the trainer then saves them.
         self.ds_config, source, adopted = ds_config_for(cfg, self.world_size, pick_auto)
         check_with_deepspeed(self.ds_config, source)
         if self.ds_config["fp16"]["enabled"] and not accelerator.is_fp16_supported():
