@@ -21,6 +21,7 @@ from seemore_ds.data.tables import absolute_spec
 from seemore_ds.errors import UserError
 from seemore_ds.metrics.processor import MetricsProcessor, ModelFigures
 from seemore_ds.model import SeemoreVLM
+from seemore_ds.precision import keep_checkpoint_precision, with_precision
 from seemore_ds.profiling.memory import MIB
 from seemore_ds.step_guard import Halt, StepGuard
 from seemore_ds.tokenizer import CharTokenizer
@@ -75,6 +76,7 @@ class Trainer:
         if self.resume_from:
             saved = ckpt.load_checkpoint_config(self.resume_from)
             check_same_model(cfg, saved, self.resume_from)
+            cfg = keep_checkpoint_precision(cfg, ckpt.written_by(self.resume_from).precision, str(self.resume_from), self.say)
             self.tokenizer = CharTokenizer.load(self.resume_from / ckpt.TOKENIZER_FILE)
         else:
             self.tokenizer = CharTokenizer.from_captions(train_data.captions)
@@ -83,6 +85,8 @@ class Trainer:
         with torch.device("meta"):  # the parameters' names and shapes, for a conversion between layouts
             model_shapes = SeemoreVLM(cfg.model, self.tokenizer.vocab_size)
         self.backend = build_backend(model, cfg)
+        # The run's files, console and MFU speak of the precision it trains in: train.precision=auto settled.
+        self.cfg = self.checkpoints.cfg = cfg = with_precision(cfg, self.backend.precision)
         # How many processes decoded rather than mapped the image cache, and their summed decode rate, for
         # the console's data line; every rank counts.
         rate = data.decode.rows_per_s if data.decode else 0.0

@@ -23,6 +23,7 @@ TINY = [
     "model.img_size=16", "model.patch_size=8", "model.image_embed_dim=32", "model.n_embd=32",
     "model.n_layer=1", "model.num_blks=1", "model.n_head=2",
     "data.synth_n=32", "train.batch_size=8", "train.backend=torch", "train.device=cpu", "log.progress=false",
+    "train.precision=fp32",  # pinned: precision=auto would pick by this machine's speed
 ]
 # The shared run: every step logged, evaluated and checkpointed. lr=0.3 makes the validation loss
 # rise at the last step, so the best checkpoint is not the latest one and keep_last=1 must spare it.

@@ -57,7 +57,7 @@ def test_wrong_type_names_the_key_and_what_it_expects(override, expects):
 
 
 @pytest.mark.parametrize("override, says", [
-    ("train.precision=fp8", "config key train.precision must be one of fp32, bf16, fp16, got 'fp8'"),
+    ("train.precision=fp8", "config key train.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     ("data.on_bad_row=ignore", "config key data.on_bad_row must be one of skip, error, got 'ignore'"),
     ("model.image_tokens=all", "config key model.image_tokens must be one of patches, pooled, cls, got 'all'"),
     ("train.backend=jax", "config key train.backend must be one of torch, deepspeed, auto, got 'jax'"),

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 TINY = ["model.img_size=16", "model.patch_size=8", "model.image_embed_dim=32", "model.n_embd=32", "model.n_layer=1",
         "model.num_blks=1", "model.n_head=2", "data.synth_n=64", "train.batch_size=4", "log.every=1",
-        "log.progress=false", "eval.every=0", "checkpoint.every=2"]
+        "log.progress=false", "eval.every=0", "checkpoint.every=2", "train.precision=fp32"]
 HALF, FULL = 2, 4
 LAUNCH_TIMEOUT_S = 600  # generous: the first launch on a fresh machine JIT-builds shm_comm and cpu_adam (~5 min here)
 

@@ -22,8 +22,8 @@ from seemore_ds.__main__ import main
 from seemore_ds.backends.ds_config import COMMS_SUMMARY_FILE
 from tests.test_deepspeed import TINY, launch, loss_rows
 
-# The tiny model without train.batch_size: the JSON's batch keys govern it.
-TINY_MODEL = [arg for arg in TINY if not arg.startswith("train.batch_size")]
+# The tiny model without train.batch_size and train.precision: the JSON's batch keys and bf16 block govern them.
+TINY_MODEL = [arg for arg in TINY if not arg.startswith(("train.batch_size", "train.precision"))]
 
 CHAT_STYLE = {  # as DeepSpeed-Chat's get_train_ds_config writes it, with offload and monitors
     "train_batch_size": 16, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 10,
@@ -80,7 +80,7 @@ def trained(tmp_path_factory):
 def test_chat_style_json_trains_as_given_and_says_where_values_came_from(trained):
     tmp, stdout = trained
     source = tmp / "chat.json"
-    for line in ("train.precision=bf16 from {} bf16.enabled",
+    for line in ("precision: auto -> bf16 ({} bf16.enabled=true)",
                  "train.batch_size=2 from {} train_micro_batch_size_per_gpu",
                  "train.grad_accum=4 from {} train_batch_size (16 / (train.batch_size 2 x 2 rank(s)))",
                  "train.lr=0.002 from {} optimizer.params.lr", "train.max_steps=4 from {} scheduler.params.total_num_steps",

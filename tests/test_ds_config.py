@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from seemore_ds.backends.base import resolve_device
 from seemore_ds.backends.deepspeed_compat import select_accelerator
-from seemore_ds.backends.ds_config import SCHEDULER_PARAMS, check_with_deepspeed, resolve_ds_config
+from seemore_ds.backends.ds_config import SCHEDULER_PARAMS, check_with_deepspeed, precision_of, resolve_ds_config
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError
 
@@ -120,7 +120,11 @@ def test_every_json_resolves_to_a_config_deepspeed_accepts_or_one_line_error(dee
     t = cfg.train
     assert (tree["train_micro_batch_size_per_gpu"], tree["gradient_accumulation_steps"]) == (t.batch_size, t.grad_accum)
     assert tree["train_batch_size"] == t.batch_size * t.grad_accum * world_size
-    assert tree["fp16"]["enabled"] is (t.precision == "fp16") and tree["bf16"]["enabled"] is (t.precision == "bf16")
+    # An explicit precision is the tree's; auto (the default) is whatever the JSON's concrete values leave
+    # (no picker here: fp32 where the JSON leaves it open).
+    said = next((k for k in ("bf16", "fp16") if raw.get(k, {}).get("enabled") is True), "fp32")
+    assert precision_of(tree) == (said if t.precision == AUTO else t.precision)
+    assert tree["fp16"]["enabled"] is (precision_of(tree) == "fp16") and tree["bf16"]["enabled"] is (precision_of(tree) == "bf16")
     assert tree["gradient_clipping"] == t.grad_clip
     if "optimizer" in tree:
         p = tree["optimizer"]["params"]
@@ -138,8 +142,9 @@ def settle(tree, *overrides, world_size=2):
 
 def test_bf16_block_without_fp16_block_trains_in_bf16():
     resolved, adopted, cfg = settle({"bf16": {"enabled": True}})
-    assert cfg.train.precision == "bf16" and resolved["fp16"] == {"enabled": False}
-    assert adopted == ["train.precision=bf16 from ds.json bf16.enabled"]
+    assert precision_of(resolved) == "bf16" and resolved["fp16"] == {"enabled": False}
+    assert cfg.train.precision == "auto"  # the run config stays as loaded; the backend trains in the tree's
+    assert adopted == ["precision: auto -> bf16 (ds.json bf16.enabled=true)"]
 
 
 def test_concrete_json_values_govern_keys_left_at_default():
@@ -206,7 +211,7 @@ def test_the_run_config_saved_holds_the_adopted_values(tmp_path):
     _, _, cfg = settle({"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 4})
     save_config(cfg, tmp_path / "config.yaml")
     saved = load_config(str(tmp_path / "config.yaml"))
-    assert (saved.train.precision, saved.train.batch_size) == ("bf16", 4)
+    assert saved.train.batch_size == 4  # the precision: test_precision.py, the trainer records the backend's
     # Resumed with the same JSON, the saved run config (every key now set) agrees with it.
     resolve_ds_config({"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 4}, saved, 2, "ds.json")
 

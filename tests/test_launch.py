@@ -20,7 +20,7 @@ SCRIPTS = ["multinode.sh", "single_gpu_offload.sh", "cpu_debug.sh", "slurm.sbatc
 VENV_BIN = str(Path(sys.executable).parent)
 TINY = ["model.img_size=32", "model.patch_size=16", "model.image_embed_dim=32", "model.num_blks=1", "model.n_embd=32",
         "model.n_layer=1", "model.n_head=2", "data.synth_n=64", "train.batch_size=8", "log.every=1",
-        "log.progress=false", "eval.every=0"]
+        "log.progress=false", "eval.every=0", "train.precision=fp32"]
 
 
 def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, timeout_s: int = 300):

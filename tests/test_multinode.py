@@ -32,7 +32,7 @@ from seemore_ds.launching import free_port
 VENV_BIN = str(Path(sys.executable).parent)
 TINY = ["model.img_size=32", "model.patch_size=16", "model.image_embed_dim=32", "model.num_blks=1", "model.n_embd=32",
         "model.n_layer=1", "model.n_head=2", "data.synth_n=64", "train.batch_size=8", "log.every=1",
-        "log.progress=false", "eval.every=2", "checkpoint.every=2"]
+        "log.progress=false", "eval.every=2", "checkpoint.every=2", "train.precision=fp32"]
 HOSTFILE = "# two nodes on one machine\nnode-a slots=1\nnode-b slots=1\n"
 SUBNET = "10.213.0"  # exists only inside the test's namespaces
 LAUNCH_TIMEOUT_S = 600  # a fresh machine first JIT-builds deepspeed_shm_comm (minutes on 2 cores)
@@ -88,8 +88,10 @@ class TwoNodes:
                     'mount --bind "$0" "$1" && shift && exec "$@"', str(disk), str(target), *argv]
         return ["ip", "netns", "exec", self.netns[node], *argv]
 
-    def launch(self, work: Path, name: str, overrides: list[str], node_disks: list[Path] | None = None) -> list[str]:
-        """Both nodes' ``launch/multinode.sh`` at once; their console output, node 0 first. Never hangs."""
+    def launch(self, work: Path, name: str, overrides: list[str], node_disks: list[Path] | None = None,
+               node_env: list[dict] | None = None) -> list[str]:
+        """Both nodes' ``launch/multinode.sh`` at once (``node_env``: each node's own additions to the
+        environment); their console output, node 0 first. Never hangs."""
         (work / "hostfile").write_text(HOSTFILE)
         port = "29500" if self.isolated else str(free_port())  # each namespace pair is a fresh network
         procs, logs = [], []
@@ -97,7 +99,7 @@ class TwoNodes:
             env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "DS_ACCELERATOR": "cpu",
                    "OMP_NUM_THREADS": "1", "HOSTFILE": "hostfile", "NODE_RANK": str(node),
                    "MASTER_ADDR": self.master_addr, "MASTER_PORT": port, "DS_CONFIG": str(REPO / "ds_configs" / "zero2.json"),
-                   "OUTPUT_DIR": str(work / name), "DS_ARGS": "--log_level warning"}
+                   "OUTPUT_DIR": str(work / name), "DS_ARGS": "--log_level warning", **(node_env[node] if node_env else {})}
             if self.isolated:  # gloo would look for this machine's host name, which the namespace lacks
                 env["GLOO_SOCKET_IFNAME"] = self.links[node]
             own = (node_disks[node], work / name / "checkpoints") if node_disks else None

@@ -27,7 +27,7 @@ from tests.conftest import read_csv_rows
 
 SMALL = ["model.img_size=32", "model.patch_size=16", "model.image_embed_dim=32", "model.num_blks=1", "model.n_embd=32",
          "model.n_layer=1", "model.n_head=2", "data.synth_n=64", "train.batch_size=8", "train.backend=torch",
-         "train.device=cpu", "log.progress=false"]
+         "train.device=cpu", "log.progress=false", "train.precision=fp32"]
 
 
 def model_flops_per_sample(run_dir: Path) -> int:

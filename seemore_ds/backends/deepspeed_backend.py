@@ -20,7 +20,7 @@ from torch.distributed import ReduceOp
 from seemore_ds import universal
 from seemore_ds.backends import deepspeed_compat as compat
 from seemore_ds.backends.base import StepStats, resolve_device, run_micro_batches
-from seemore_ds.backends.ds_config import COMMS_SUMMARY_FILE, check_with_deepspeed, ds_config_for
+from seemore_ds.backends.ds_config import COMMS_SUMMARY_FILE, check_with_deepspeed, ds_config_for, precision_of
 from seemore_ds.checkpoint import WrittenBy
 from seemore_ds.compiling import check_can_compile
 from seemore_ds.config import Config
@@ -29,7 +29,7 @@ from seemore_ds.errors import UserError
 from seemore_ds.evaluation import token_loss_sum
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import lr_multiplier, param_groups
-from seemore_ds.precision import compute_dtype
+from seemore_ds.precision import agreed_precision, auto_choice, compute_dtype
 from seemore_ds.safe_pickles import weights_only_loads
 
 def comms_table(summary: dict, world_size: int) -> str:
@@ -45,22 +45,15 @@ def comms_table(summary: dict, world_size: int) -> str:
 
 class DeepSpeedBackend:
     def __init__(self, model: SeemoreVLM, cfg: Config):
-        # Resolved first, from files and environment only: every rank refuses a bad config alike.
-        # cfg adopts the JSON's concrete values for keys left at their defaults: the trainer then saves them.
-        self.ds_config, source, adopted = ds_config_for(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        # A dry settling first, of a copy, from files and environment only: a bad config is refused alike on
+        # every rank before anything is started or changed. train.precision=auto is settled for real below.
+        ds_config_for(copy.deepcopy(cfg), int(os.environ.get("WORLD_SIZE", 1)))
         compat.prepare_environment(resolve_device(cfg.train.device))
-        check_with_deepspeed(self.ds_config, source)
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
         compat.quiet_deepspeed()
         accelerator = get_accelerator()
-        if self.ds_config["fp16"]["enabled"] and not accelerator.is_fp16_supported():
-            raise UserError(f"fp16 ({source}, train.precision=fp16) is not supported on {accelerator.device_name()}; "
-                            f"use train.precision=bf16 (and \"bf16\": {{\"enabled\": \"auto\"}})")
-        if self.ds_config["bf16"]["enabled"] and not accelerator.is_bf16_supported():
-            raise UserError(f"bf16 is not supported on {accelerator.device_name()}; use train.precision=fp32")
-
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         # Host tensors (the step guard's signal flags) are reduced over a CPU (gloo) group, so that agreeing on
@@ -72,13 +65,27 @@ class DeepSpeedBackend:
         if accelerator.device_name() == "cpu":  # under the launcher shm_comm maps a buffer at any world size
             torch.distributed.barrier()  # past it, every rank has mapped its peers' buffers (in init_distributed)
             compat.unlink_shared_allreduce_buffer(self.rank)
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
+
+        def pick_auto(open_precisions: tuple[str, ...], micro_batch: int) -> str:  # a broadcast from rank 0
+            return agreed_precision(lambda: auto_choice(model, micro_batch, self.device, open_precisions), self.rank, self.device)
+
+        # Settled from files, the environment and, for train.precision=auto, rank 0's pick, which every rank
+        # receives: every rank settles alike. cfg adopts the JSON's concrete values for keys left at their
+        # defaults: the trainer then saves them.
+        self.ds_config, source, adopted = ds_config_for(cfg, self.world_size, pick_auto)
+        check_with_deepspeed(self.ds_config, source)
+        if self.ds_config["fp16"]["enabled"] and not accelerator.is_fp16_supported():
+            raise UserError(f"fp16 ({source}, train.precision=fp16) is not supported on {accelerator.device_name()}; "
+                            f"use train.precision=bf16 (and \"bf16\": {{\"enabled\": \"auto\"}})")
+        if self.ds_config["bf16"]["enabled"] and not accelerator.is_bf16_supported():
+            raise UserError(f"bf16 is not supported on {accelerator.device_name()}; use train.precision=fp32")
         if self.rank == 0:
             for line in adopted:
                 print(line, flush=True)
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
-        self.precision = cfg.train.precision
+        self.precision = precision_of(self.ds_config)  # what the run trains in: train.precision with auto settled
         self.train_cfg = cfg.train
 
         # A torch AdamW avoids the JIT build of DeepSpeed's fused_adam; fused, as on the engine-free backend (one

@@ -9,7 +9,12 @@ the YAML both speak of is settled here, before ``deepspeed.initialize``, by one 
 - a concrete JSON value must agree with a YAML key the user set (in the YAML file or on the command
   line): disagreement is refused, naming both and the fix;
 - a concrete JSON value replaces a YAML key left at its default, and says so in one line
-  (``train.precision=bf16 from ds.json bf16.enabled``): the run config then holds the values used.
+  (``train.batch_size=4 from ds.json train_micro_batch_size_per_gpu``): the run config then holds the values used.
+
+``train.precision=auto`` (the default) is never a disagreement: a concrete ``bf16``/``fp16``
+``enabled: true`` decides it, ``false`` rules that precision out, and what is left open is picked by
+``pick_auto`` (``seemore_ds.precision``: measured, or the GPU rule). The run config keeps ``auto``;
+the precision used is the resolved tree's (``precision_of``).
 
 The YAML keys concerned: precision, the batch triple, clipping, optimizer and scheduler parameters,
 node-local checkpoints, ``profile.flops_step`` (``flops_profiler``) and the W&B sink (``wandb``,
@@ -26,9 +31,11 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 from seemore_ds.config import Config, validate
 from seemore_ds.errors import UserError
+from seemore_ds.precision import PRECISIONS, Choice
 from seemore_ds.profiling.flops_profile import FLOPS_PROFILE_FILE
 
 AUTO = "auto"
@@ -79,12 +86,22 @@ def load_ds_json(path: str) -> dict:
     return tree
 
 
-def ds_config_for(cfg: Config, world_size: int) -> tuple[dict, str, list[str]]:
-    """(resolved DeepSpeed config, where it came from, one line per value ``cfg`` adopted from it)."""
+# Picks train.precision=auto among the precisions the JSON leaves open, at the run's micro-batch.
+PickAuto = Callable[[tuple[str, ...], int], str]
+
+
+def ds_config_for(cfg: Config, world_size: int, pick_auto: PickAuto | None = None) -> tuple[dict, str, list[str]]:
+    """(resolved DeepSpeed config, where it came from, one line per value ``cfg`` adopted from it or
+    decided by it, such as ``precision: auto -> bf16 (ds.json bf16.enabled=true)``)."""
     path = cfg.train.deepspeed_config
     raw, source = (load_ds_json(path), path) if path else (DEFAULT_DS_CONFIG, "the built-in DeepSpeed config")
-    tree, adopted = resolve_ds_config(raw, cfg, world_size, source)
+    tree, adopted = resolve_ds_config(raw, cfg, world_size, source, pick_auto)
     return tree, source, adopted
+
+
+def precision_of(tree: dict) -> str:
+    """The precision a resolved DeepSpeed config trains in."""
+    return "bf16" if tree["bf16"]["enabled"] else "fp16" if tree["fp16"]["enabled"] else "fp32"
 
 
 def _show(value) -> str:
@@ -125,6 +142,8 @@ class _Resolver:
         self.taken_from: dict[str, str] = {}  # YAML key -> the JSON key whose concrete value it holds
         self.adopted: list[str] = []  # one line per YAML value the JSON changed
         self.autos: list[tuple[dict, str, str]] = []  # (block, key, YAML key): filled once every concrete value is in
+        self.precision: str | None = None  # the run's; None while train.precision=auto is still open
+        self.open_precisions: tuple[str, ...] = ()  # what auto may still pick, when it is open
 
     def yaml(self, key: str):
         section, name = key.split(".")
@@ -176,11 +195,14 @@ class _Resolver:
         self.taken_from.setdefault(yaml_key, where)
 
 
-def resolve_ds_config(raw: dict, cfg: Config, world_size: int, source: str = "DeepSpeed config") -> tuple[dict, list[str]]:
+def resolve_ds_config(raw: dict, cfg: Config, world_size: int, source: str = "DeepSpeed config",
+                      pick_auto: PickAuto | None = None) -> tuple[dict, list[str]]:
     """(a copy of ``raw`` with every value settled, one line per value ``cfg`` adopted from it).
 
     ``cfg`` takes the JSON's concrete values for the keys the user left at their defaults; anything
-    that cannot hold raises a one-line UserError.
+    that cannot hold raises a one-line UserError. ``pick_auto`` settles a train.precision=auto that the
+    JSON leaves open, once everything else has held; without one (a resolution that trains nothing)
+    it settles as fp32.
     """
     tree = copy.deepcopy(raw)
     r = _Resolver(tree, cfg, source)
@@ -198,7 +220,8 @@ def resolve_ds_config(raw: dict, cfg: Config, world_size: int, source: str = "De
     if tree.get("wall_clock_breakdown", AUTO) == AUTO:  # the engine's timers fill timing_logs.csv
         tree["wall_clock_breakdown"] = True
     tree.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
-    left = list(_auto_paths(tree))
+    # fp16/bf16 "enabled" are set below, once the precision is settled
+    left = [path for path in _auto_paths(tree) if path not in ("fp16.enabled", "bf16.enabled")]
     if left:
         raise UserError(f"{source}: {left[0]} is \"auto\", which seemore-ds cannot resolve from the YAML; give it a value")
     if r.adopted:
@@ -206,6 +229,10 @@ def resolve_ds_config(raw: dict, cfg: Config, world_size: int, source: str = "De
             validate(cfg)
         except UserError as err:
             raise UserError(f"{source}: {err} (after taking {', '.join(r.adopted)})") from None
+    if r.precision is None:  # last: the pick may measure, and every rank must have come this far alike
+        r.precision = pick_auto(r.open_precisions, cfg.train.batch_size) if pick_auto else "fp32"
+    for key in ("fp16", "bf16"):
+        tree[key]["enabled"] = r.precision == key
     return tree, r.adopted
 
 
@@ -224,12 +251,18 @@ def _resolve_precision(r: _Resolver) -> None:
         raise UserError(f"{r.source}: fp16.enabled and bf16.enabled are both true; keep one of them (or set it to \"auto\")")
     wanted = next((key for key, on in said.items() if on), None)
     precision = r.cfg.train.precision
+    if precision == AUTO:  # the JSON decides what it says; auto picks among the rest, later
+        r.open_precisions = (wanted,) if wanted else tuple(p for p in PRECISIONS if said.get(p) is not False)
+        if len(r.open_precisions) == 1:
+            r.precision = r.open_precisions[0]
+            said_line = f"{wanted}.enabled=true" if wanted else "bf16.enabled=false and fp16.enabled=false"
+            r.adopted.append(Choice(r.precision, f"{r.source} {said_line}").line())
+        return
     if wanted:
         _settle_precision(r, wanted, f"{wanted}.enabled")
     elif said.get(precision) is False:  # the JSON turns off what the YAML asks for: fp32, unless the user set it
         _settle_precision(r, "fp32", f"{precision}.enabled")
-    for key in ("fp16", "bf16"):
-        tree[key]["enabled"] = r.cfg.train.precision == key
+    r.precision = r.cfg.train.precision
 
 
 def _settle_precision(r: _Resolver, precision: str, where: str) -> None:

@@ -21,7 +21,7 @@ from seemore_ds.errors import UserError
 from seemore_ds.evaluation import token_loss_sum
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import DeviceLRSchedule, param_groups
-from seemore_ds.precision import PRECISION_DTYPES
+from seemore_ds.precision import AUTO, PRECISION_DTYPES, agreed_precision, auto_choice
 
 GRAD_SCALER_FILE = "grad_scaler.pt"  # fp16 only: the loss scale
 
@@ -31,7 +31,10 @@ class TorchBackend:
 
     def __init__(self, model: SeemoreVLM, cfg: Config):
         self.device = resolve_device(cfg.train.device)
-        self.precision = precision = cfg.train.precision
+        precision = cfg.train.precision
+        if precision == AUTO:
+            precision = agreed_precision(lambda: auto_choice(model, cfg.train.batch_size, self.device), 0, self.device)
+        self.precision = precision  # what the run trains in: train.precision with auto settled
         if precision == "fp16" and self.device.type != "cuda":
             raise UserError("train.precision=fp16 needs a CUDA GPU (CPU autocast has no fp16 loss scaling); use train.precision=bf16 on CPU")
         self.module = model.to(self.device)
