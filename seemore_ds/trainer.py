@@ -21,7 +21,7 @@ from seemore_ds.data.tables import absolute_spec
 from seemore_ds.errors import UserError
 from seemore_ds.metrics.processor import MetricsProcessor, ModelFigures
 from seemore_ds.model import SeemoreVLM
-from seemore_ds.precision import keep_checkpoint_precision, with_precision
+from seemore_ds.precision import keep_checkpoint_precision
 from seemore_ds.profiling.memory import MIB
 from seemore_ds.step_guard import Halt, StepGuard
 from seemore_ds.tokenizer import CharTokenizer
@@ -85,8 +85,9 @@ class Trainer:
         with torch.device("meta"):  # the parameters' names and shapes, for a conversion between layouts
             model_shapes = SeemoreVLM(cfg.model, self.tokenizer.vocab_size)
         self.backend = build_backend(model, cfg)
-        # The run's files, console and MFU speak of the precision it trains in: train.precision=auto settled.
-        self.cfg = self.checkpoints.cfg = cfg = with_precision(cfg, self.backend.precision)
+        # The run's files, console and MFU speak of the config the backend settled (train.precision=auto
+        # decided, a DeepSpeed JSON's values adopted).
+        self.cfg = self.checkpoints.cfg = cfg = self.backend.config
         # How many processes decoded rather than mapped the image cache, and their summed decode rate, for
         # the console's data line; every rank counts.
         rate = data.decode.rows_per_s if data.decode else 0.0

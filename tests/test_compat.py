@@ -23,10 +23,11 @@ from seemore_ds.errors import UserError
 from tests.conftest import REPO, TINY
 
 ENGINE_CHECKS = r"""
-import contextlib, io, json, os, sys
+import contextlib, copy, io, json, os, sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from seemore_ds import launching, step_guard
 from seemore_ds.backends import deepspeed_compat as compat, resolve_backend_name
@@ -88,7 +89,14 @@ with compat.loading_universal(engine):
 facts["universal_after"] = engine.load_universal_checkpoint()
 
 # Two runs in one process: the first, on the engine, must not make the second look launched.
-train(load_config(None, [*tiny, "train.backend=deepspeed", "train.max_steps=1", f"run.output_dir={out / 'engine'}"]))
+# A JSON value adopted for a key left at its default lands in the run's saved config, never in the caller's.
+(out / "ds.json").write_text(json.dumps({"gradient_clipping": 0.5}))
+engine_cfg = load_config(None, [*tiny, "train.backend=deepspeed", "train.max_steps=1", f"run.output_dir={out / 'engine'}",
+                                f"train.deepspeed_config={out / 'ds.json'}"])
+as_loaded = copy.deepcopy(engine_cfg)
+train(engine_cfg)
+facts["caller_config_unchanged"] = engine_cfg == as_loaded
+facts["saved_grad_clip"] = yaml.safe_load((out / "engine" / "config.yaml").read_text())["train"]["grad_clip"]
 facts["launched_after_engine_run"] = launching.launched_by_deepspeed()
 second = load_config(None, [*tiny, "train.backend=auto", "train.max_steps=1", f"run.output_dir={out / 'auto'}"])
 facts["second_run_backend"] = resolve_backend_name(second)
@@ -143,6 +151,11 @@ def test_a_second_run_in_one_process_is_not_taken_for_a_launched_one(engine_fact
     assert engine_facts["launched_after_engine_run"] is False
     assert engine_facts["second_run_backend"] == "torch"  # auto: no launcher, no GPU, no DeepSpeed JSON
     assert engine_facts["resume_command"].startswith("python -m seemore_ds ")
+
+
+def test_the_engine_adopts_json_values_into_its_own_copy_of_the_config(engine_facts):
+    assert engine_facts["caller_config_unchanged"]
+    assert engine_facts["saved_grad_clip"] == 0.5
 
 
 def test_a_launcher_started_process_still_reads_as_launched(monkeypatch):

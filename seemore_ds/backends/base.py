@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import torch
 from torch.distributed import ReduceOp
 
+from seemore_ds.config import Config
 from seemore_ds.data.dataset import Batch
 from seemore_ds.errors import UserError
 
@@ -99,6 +100,10 @@ class Backend(Protocol):
     rank: int
     world_size: int
     precision: str  # the precision this run trains in: fp32 | bf16 | fp16
+    # The run's config as this backend settled it (train.precision=auto decided; a DeepSpeed JSON's concrete
+    # values adopted for the keys the user left at their defaults): what the run saves and reports. A copy:
+    # the config the backend was given stays as loaded.
+    config: Config
 
     def train_step(self, micro_batches: list[Batch], timed: bool) -> StepStats:
         """Forward, backward and one optimizer step over ``grad_accum`` micro-batches; ``timed``: a log step,

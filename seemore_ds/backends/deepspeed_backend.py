@@ -29,7 +29,7 @@ from seemore_ds.errors import UserError
 from seemore_ds.evaluation import token_loss_sum
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import lr_multiplier, param_groups
-from seemore_ds.precision import agreed_precision, auto_choice, compute_dtype
+from seemore_ds.precision import agreed_precision, auto_choice, compute_dtype, with_precision
 from seemore_ds.safe_pickles import weights_only_loads
 
 def comms_table(summary: dict, world_size: int) -> str:
@@ -72,8 +72,9 @@ class DeepSpeedBackend:
             return agreed_precision(lambda: auto_choice(model, micro_batch, self.device, open_precisions), self.rank, self.device)
 
         # Settled from files, the environment and, for train.precision=auto, rank 0's pick, which every rank
-        # receives: every rank settles alike. cfg adopts the JSON's concrete values for keys left at their
-        # defaults: the trainer then saves them.
+        # receives: every rank settles alike. A copy of cfg adopts the JSON's concrete values for keys left at
+        # their defaults; it becomes self.config, which the trainer saves.
+        cfg = copy.deepcopy(cfg)
         self.ds_config, source, adopted = ds_config_for(cfg, self.world_size, pick_auto)
         check_with_deepspeed(self.ds_config, source)
         if self.ds_config["fp16"]["enabled"] and not accelerator.is_fp16_supported():
@@ -86,6 +87,7 @@ class DeepSpeedBackend:
                 print(line, flush=True)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
         self.precision = precision_of(self.ds_config)  # what the run trains in: train.precision with auto settled
+        self.config = cfg = with_precision(cfg, self.precision)
         self.train_cfg = cfg.train
 
         # A torch AdamW avoids the JIT build of DeepSpeed's fused_adam; fused, as on the engine-free backend (one

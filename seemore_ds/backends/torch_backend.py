@@ -21,7 +21,7 @@ from seemore_ds.errors import UserError
 from seemore_ds.evaluation import token_loss_sum
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.optim import DeviceLRSchedule, param_groups
-from seemore_ds.precision import AUTO, PRECISION_DTYPES, agreed_precision, auto_choice
+from seemore_ds.precision import AUTO, PRECISION_DTYPES, agreed_precision, auto_choice, with_precision
 
 GRAD_SCALER_FILE = "grad_scaler.pt"  # fp16 only: the loss scale
 
@@ -35,6 +35,7 @@ class TorchBackend:
         if precision == AUTO:
             precision = agreed_precision(lambda: auto_choice(model, cfg.train.batch_size, self.device), 0, self.device)
         self.precision = precision  # what the run trains in: train.precision with auto settled
+        self.config = with_precision(cfg, precision)
         if precision == "fp16" and self.device.type != "cuda":
             raise UserError("train.precision=fp16 needs a CUDA GPU (CPU autocast has no fp16 loss scaling); use train.precision=bf16 on CPU")
         self.module = model.to(self.device)
