@@ -162,8 +162,11 @@ def test_a_launcher_started_process_still_reads_as_launched(monkeypatch):
     from seemore_ds import launching
 
     monkeypatch.setattr(launching, "_written_without_launcher", {})
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    # A copy of the environment for this test alone: stand_in_for_launcher writes into os.environ itself,
+    # and what it wrote must not reach the later tests' subprocesses (a WORLD_SIZE without a MASTER_PORT
+    # sends DeepSpeed looking for MPI).
+    monkeypatch.setattr(os, "environ", {name: value for name, value in os.environ.items()
+                                        if name not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")})
     monkeypatch.setenv("MASTER_PORT", "29611")  # a port set by hand is kept
     launching.stand_in_for_launcher()
     assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"] == "29611"
