@@ -16,17 +16,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from seemore_ds.atomic_files import write_atomically
 from seemore_ds.config import Config
+from seemore_ds.measured_cache import cache_path, read_cache, write_cache
 from seemore_ds.optim import param_groups
 
 AUTO = "auto"
@@ -87,11 +85,6 @@ def cpu_choice(fp32_step_s: float, bf16_step_s: float, cached: str = "") -> Choi
     return Choice(precision, f"cached: {how}; {cached}" if cached else f"measured: {how}")
 
 
-def cache_file() -> Path:
-    """Where measured step times are kept; read at call time, so XDG_CACHE_HOME set later counts."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seemore_ds" / CACHE_NAME
-
-
 def cpu_facts() -> dict:
     """What makes two CPUs train alike: model name, the speed flags present, threads, torch version."""
     name, flags = "unknown CPU", set()
@@ -113,25 +106,6 @@ def cache_key(model: torch.nn.Module, micro_batch: int) -> str:
     """This machine, this model's shape (its config and vocabulary) and the micro-batch, as one string."""
     shape = {**dataclasses.asdict(model.cfg), "vocab_size": model.vocab_size}
     return json.dumps({**cpu_facts(), "model": shape, "micro_batch": micro_batch}, sort_keys=True)
-
-
-def _read_cache() -> dict:
-    try:
-        cache = json.loads(cache_file().read_text(encoding="utf-8"))
-        return cache if isinstance(cache, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _remember(key: str, times: dict[str, float]) -> None:
-    cache = _read_cache()
-    cache[key] = times
-    path = cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(cache, indent=1).encode("utf-8"))
-    except OSError:
-        pass  # an unwritable cache only costs a measurement next time
 
 
 def measure_step_s(model: torch.nn.Module, micro_batch: int) -> dict[str, float]:
@@ -176,12 +150,12 @@ def cpu_auto_choice(model: torch.nn.Module, micro_batch: int, candidates: tuple[
     if "bf16" not in candidates:
         return Choice("fp32", "the DeepSpeed config turns off bf16; fp16 needs a GPU")
     key = cache_key(model, micro_batch)
-    times = _read_cache().get(key)
+    times = read_cache(CACHE_NAME).get(key)
     if isinstance(times, dict) and all(isinstance(times.get(k), (int, float)) and times[k] > 0
                                        for k in ("fp32_step_s", "bf16_step_s")):
-        return cpu_choice(times["fp32_step_s"], times["bf16_step_s"], cached=str(cache_file()))
+        return cpu_choice(times["fp32_step_s"], times["bf16_step_s"], cached=str(cache_path(CACHE_NAME)))
     times = measure_step_s(model, micro_batch)
-    _remember(key, times)
+    write_cache(CACHE_NAME, {**read_cache(CACHE_NAME), key: times})
     return cpu_choice(times["fp32_step_s"], times["bf16_step_s"])
 
 

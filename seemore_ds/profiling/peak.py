@@ -7,16 +7,15 @@ and cached in ``$XDG_CACHE_HOME/seemore_ds`` (default ``~/.cache/seemore_ds``).
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
-from seemore_ds.atomic_files import write_atomically
+from seemore_ds.measured_cache import read_cache, write_cache
 from seemore_ds.precision import compute_dtype
+
+MATMUL_CACHE = "matmul_peak.json"  # in the measured-figures cache folder
 
 # Dense (no sparsity) peak TFLOP/s by precision. fp32 is plain FP32, not TF32.
 # Longer names first: "H100 PCIe" must match before "H100".
@@ -32,12 +31,6 @@ KNOWN_PEAK_TFLOPS = {
     "V100": {"fp16": 125.0, "fp32": 15.7},
     "T4": {"fp16": 65.0, "fp32": 8.1},
 }
-
-
-def matmul_cache_file() -> Path:
-    """Where measured peaks are kept: read from the environment at each call, so that a process (or a test)
-    that sets XDG_CACHE_HOME after importing this module is obeyed."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seemore_ds" / "matmul_peak.json"
 
 
 def known_peak_tflops(device_name: str, precision: str) -> float | None:
@@ -93,24 +86,9 @@ def peak_tflops(device: torch.device, precision: str, override: float = 0.0) -> 
     if known:
         return known, f"{name} datasheet, {precision}"
     key = f"{name}|{precision}"
-    cache_file = matmul_cache_file()
-    cache = _read_cache(cache_file)
+    cache = read_cache(MATMUL_CACHE)
     if key not in cache:
         cache[key] = measure_matmul_tflops(compute_dtype(precision), device)
-        _write_cache(cache_file, cache)
+        write_cache(MATMUL_CACHE, cache)
     return cache[key], f"measured {precision} matmul on {name}"
 
-
-def _read_cache(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache(path: Path, cache: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(cache, indent=1).encode("utf-8"))
-    except OSError:
-        pass  # an unwritable cache only costs a re-measurement next time
