@@ -27,6 +27,14 @@ def test_cpu_peak_is_measured_once_then_cached(tmp_path, monkeypatch):
     assert list(json.loads((tmp_path / "seemore_ds" / "matmul_peak.json").read_text()).values()) == [first]
 
 
+def test_measuring_the_peak_leaves_the_seeded_random_stream_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    profiling.measure_matmul_tflops(torch.float32, torch.device("cpu"), size=64, seconds=0.01)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_override_wins_and_mfu_is_achieved_over_peak():
     assert profiling.peak_tflops(torch.device("cpu"), "fp32", override=2.0) == (2.0, "set by profile.peak_tflops")
     # 100 samples/s x 5 GFLOP = 0.5 TFLOP/s of a 2 TFLOP/s peak

@@ -57,8 +57,11 @@ def device_name(device: torch.device) -> str:
 def measure_matmul_tflops(dtype: torch.dtype, device: torch.device, size: int | None = None, seconds: float = 1.0) -> float:
     """Best TFLOP/s of ``size``-square matmuls over about ``seconds`` (after one warm-up)."""
     size = size or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # A generator of its own: a run that measures (the cache is cold) and one that reads the cache must
+    # draw the same initial weights, dropout masks and batches from the seeded global stream.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
 
     def timed_matmul() -> float:
         if device.type == "cuda":
