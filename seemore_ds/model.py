@@ -291,12 +291,14 @@ class SeemoreVLM(nn.Module):
             captions.append(row[: row.index(eos_id)] if eos_id in row else row)
         return captions
 
-    def flops_per_sample(self) -> int:
-        """Training FLOPs for one sample (forward + backward = 3 x forward): convolutions, matmuls, attention."""
+    def flops_per_sample(self, text_len: int | None = None) -> int:
+        """Training FLOPs for one sample (forward + backward = 3 x forward): convolutions, matmuls, attention.
+        ``text_len``: the text positions trained (the data's longest caption + 1); default: all the model has."""
         c = self.cfg
+        text_len = text_len or self.text_len
         vit_tokens = self.vit.num_patches + 1
         vit_read = 1 if c.image_tokens == "cls" else vit_tokens  # what the last ViT block computes
-        dec_tokens = self.num_image_tokens + self.text_len
+        dec_tokens = self.num_image_tokens + text_len
 
         def block(dim, tokens, out):  # k, v for all tokens; q, proj, mlp (2 x 4 dim^2) for ``out``; QK^T, AV
             return 2 * (2 * tokens + 10 * out) * dim * dim + 2 * 2 * out * tokens * dim
@@ -307,7 +309,7 @@ class SeemoreVLM(nn.Module):
             + block(c.image_embed_dim, vit_tokens, vit_read)
             + 2 * self.num_image_tokens * (4 * c.image_embed_dim**2 + 4 * c.image_embed_dim * c.n_embd)
             + c.n_layer * block(c.n_embd, dec_tokens, dec_tokens)
-            + 2 * self.text_len * c.n_embd * self.vocab_size
+            + 2 * text_len * c.n_embd * self.vocab_size
         )
         return 3 * forward
 

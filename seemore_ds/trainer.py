@@ -93,9 +93,10 @@ class Trainer:
         rate = data.decode.rows_per_s if data.decode else 0.0
         decoders = self.backend.all_reduce(torch.tensor([float(data.decoded), rate], device=self.backend.device), ReduceOp.SUM)
         self.is_main = self.backend.rank == 0
-        text_len = model.text_len
-        self.train_split = TokenizedSplit(train_data, self.tokenizer, text_len)
-        self.val_split = TokenizedSplit(val_data, self.tokenizer, text_len) if len(val_data) else None
+        self.train_split = TokenizedSplit(train_data, self.tokenizer, model.text_len)
+        self.val_split = TokenizedSplit(val_data, self.tokenizer, model.text_len) if len(val_data) else None
+        # What a training sample costs at the text length the data needs (not the most the model takes).
+        self.flops_per_sample = model.flops_per_sample(self.train_split.text_len)
         self.sampler = ResumableSampler(
             len(train_data), cfg.train.batch_size, cfg.train.seed, self.backend.rank, self.backend.world_size
         )
@@ -107,7 +108,7 @@ class Trainer:
         if self.is_main:
             self._prepare_run_folder(data, val_data, model, int(decoders[0].item()), decoders[1].item())
         self.validator = Validator(cfg, self.backend, self.val_split, self.tokenizer, self.is_main)
-        figures = ModelFigures(self.n_params, model.flops_per_sample(), model.num_image_tokens + model.text_len)
+        figures = ModelFigures(self.n_params, self.flops_per_sample, model.num_image_tokens + self.train_split.text_len)
         self.metrics = MetricsProcessor(
             cfg, figures, device=self.backend.device, world_size=self.backend.world_size,
             precision=self.backend.precision, samples_per_step=self.samples_per_step, is_main=self.is_main,
@@ -143,7 +144,8 @@ class Trainer:
             write_bad_rows(bad_rows, self.run_dir / BAD_ROWS_FILE)
             self.say(f"data: {summarize_bad_rows(bad_rows)}; row numbers and reasons in {self.run_dir / BAD_ROWS_FILE}")
         self.say(
-            f"model: {self.n_params / 1e6:.2f}M parameters, {model.flops_per_sample() / 1e9:.2f} GFLOP per training sample; "
+            f"model: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_sample / 1e9:.2f} GFLOP per training sample "
+            f"(captions of up to {self.train_split.text_len - 1} characters); "
             f"backend {type(self.backend).__name__} on {self.backend.device} x {self.backend.world_size}, {self.backend.precision}"
         )
         if self.resume_from:

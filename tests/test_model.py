@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from seemore_ds.config import ModelConfig, load_config
-from seemore_ds.data.dataset import tokenize_captions
+from seemore_ds.data.dataset import CaptionData, TokenizedSplit, tokenize_captions
 from seemore_ds.errors import UserError
 from seemore_ds.model import IGNORE_INDEX, BatchNorm2d, SeemoreVLM, conv_flops, pool_patch_tokens
 from seemore_ds.tokenizer import CharTokenizer
@@ -89,6 +89,23 @@ def test_loss_counts_caption_and_eos_only():
         scribbled[row, len(caption) + 1:] = tokenizer.encode("c")[0]
     _, loss_scribbled = model(images, scribbled, targets)
     torch.testing.assert_close(loss_scribbled, loss, rtol=0, atol=1e-6)
+
+
+def test_a_split_is_as_long_as_its_longest_caption_and_trains_to_the_same_loss_as_fully_padded():
+    captions = ["ab", "abcab", "c"]
+    tokenizer = CharTokenizer.from_captions(captions)
+    model = tiny_model(vocab=tokenizer.vocab_size)
+    images = random_images(len(captions))
+    split = TokenizedSplit(CaptionData(images, captions, "test"), tokenizer, model.text_len)
+    assert split.text_len == len("abcab") + 1 < model.text_len
+    assert TokenizedSplit(CaptionData(images, captions, "test"), tokenizer, 4).text_len == 4  # never beyond the model's
+
+    batch = split.batch(torch.arange(len(captions)))
+    assert batch.input_ids.shape == batch.targets.shape == (len(captions), split.text_len)
+    padded_ids, padded_targets = tokenize_captions(captions, tokenizer, model.text_len)
+    torch.testing.assert_close(model(images, batch.input_ids, batch.targets)[1],
+                               model(images, padded_ids, padded_targets)[1], rtol=1e-6, atol=0)
+    assert model.flops_per_sample(split.text_len) < model.flops_per_sample()
 
 
 def scrambled_model(image_tokens: str) -> SeemoreVLM:

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.throughput import SEEMORE_SIZES
 from seemore_ds.backends.ds_config import resolve_ds_config
 from seemore_ds.config import load_config
+from seemore_ds.data.dataset import load_train_val
 from seemore_ds.errors import UserError
 from seemore_ds.metrics.plots import PLOT_FILES, plot_runs
 from seemore_ds.model import SeemoreVLM
@@ -30,9 +31,16 @@ SMALL = ["model.img_size=32", "model.patch_size=16", "model.image_embed_dim=32",
          "train.device=cpu", "log.progress=false", "train.precision=fp32"]
 
 
+def trained_text_len(run_dir: Path) -> int:
+    """The text positions the run trained: its training split's longest caption + 1 (<bos> / <eos>)."""
+    _, train_data, _ = load_train_val(load_config(str(run_dir / "config.yaml")))
+    return max(map(len, train_data.captions)) + 1
+
+
 def model_flops_per_sample(run_dir: Path) -> int:
     cfg = load_config(str(run_dir / "config.yaml"))
-    return SeemoreVLM(cfg.model, CharTokenizer.load(run_dir / "tokenizer.json").vocab_size).flops_per_sample()
+    model = SeemoreVLM(cfg.model, CharTokenizer.load(run_dir / "tokenizer.json").vocab_size)
+    return model.flops_per_sample(trained_text_len(run_dir))
 
 
 @dataclass
@@ -63,7 +71,7 @@ def counted_flops_per_sample(run_dir: Path, backward: bool, batch: int = 8) -> f
     vocab = CharTokenizer.load(run_dir / "tokenizer.json").vocab_size
     model = SeemoreVLM(cfg.model, vocab)
     images = torch.rand(batch, 3, cfg.model.img_size, cfg.model.img_size)
-    tokens = torch.randint(0, vocab, (batch, model.text_len))
+    tokens = torch.randint(0, vocab, (batch, trained_text_len(run_dir)))
     with FlopCounterMode(display=False) as counter:
         _, loss = model(images, tokens, tokens)
         if backward:
@@ -102,7 +110,8 @@ def test_mfu_on_cpu_at_default_sizes_is_samples_per_s_times_flops_over_peak(defa
     assert peak > 0 and "measured fp32 matmul" in result.stdout
     rows = read_csv_rows(run_dir / "losses_log.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
-    text_len = load_config(str(run_dir / "config.yaml")).model.max_caption_len + 1
+    text_len = trained_text_len(run_dir)
+    assert text_len < load_config(str(run_dir / "config.yaml")).model.max_caption_len + 1  # no padding beyond it
     for row in rows:
         samples_per_s, mfu = float(row["samples_per_s"]), float(row["mfu"])
         assert 0 < mfu < 1
