@@ -36,6 +36,9 @@ WARMUP_STEPS = 2  # per precision, untimed: allocation, autocast's first casts, 
 TIMED_ROUNDS = 5  # each round times one fp32 and one bf16 step
 MEASURE_BUDGET_S = 20.0  # a large model stops after this much timed work, with at least MIN_ROUNDS rounds
 MIN_ROUNDS = 3
+# A round in which one precision's step takes more than this many times the other's decides at once: no
+# noise flips a gap that wide, and on a CPU without bf16 instructions each bf16 step costs seconds.
+DECISIVE_RATIO = 2.0
 CACHE_NAME = "precision_auto.json"
 # CPU flags that change how fast bf16 (or fp32) matmuls run; the cache is keyed by those present.
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
@@ -140,9 +143,17 @@ def measure_step_s(model: torch.nn.Module, micro_batch: int) -> dict[str, float]
             for precision in order:
                 times[precision].append(step_s(precision))
                 spent += times[precision][-1]
-            if round_ + 1 >= MIN_ROUNDS and spent > MEASURE_BUDGET_S:
+            if measured_enough(times, spent):
                 break
     return {f"{precision}_step_s": statistics.median(samples) for precision, samples in times.items()}
+
+
+def measured_enough(times: dict[str, list[float]], spent_s: float) -> bool:
+    """After a round of ``times`` (seconds per step, by precision): has the pick been settled? Yes when the
+    last round was decisive, or after MIN_ROUNDS rounds once MEASURE_BUDGET_S seconds were spent."""
+    ratio = times["bf16"][-1] / times["fp32"][-1]
+    decisive = not 1 / DECISIVE_RATIO < ratio < DECISIVE_RATIO
+    return decisive or (len(times["fp32"]) >= MIN_ROUNDS and spent_s > MEASURE_BUDGET_S)
 
 
 def cpu_auto_choice(model: torch.nn.Module, micro_batch: int, candidates: tuple[str, ...] = PRECISIONS) -> Choice:

@@ -39,6 +39,16 @@ def test_gpu_rule_bf16_where_supported_else_fp16_within_what_the_json_leaves_ope
     assert gpu_choice("NVIDIA H200", True, ("fp32",)).precision == "fp32"
 
 
+def test_a_decisive_round_ends_the_measurement_a_close_one_runs_on_to_the_budget():
+    assert precision.measured_enough({"fp32": [0.3], "bf16": [3.7]}, spent_s=4.0)  # no bf16 instructions
+    assert precision.measured_enough({"fp32": [1.0], "bf16": [0.45]}, spent_s=1.5)  # bf16 far ahead
+    close = {"fp32": [1.0, 1.0], "bf16": [0.8, 0.9]}
+    assert not precision.measured_enough(close, spent_s=100.0)  # under MIN_ROUNDS rounds
+    close = {"fp32": [1.0] * 3, "bf16": [0.9] * 3}
+    assert not precision.measured_enough(close, spent_s=precision.MEASURE_BUDGET_S / 2)
+    assert precision.measured_enough(close, spent_s=precision.MEASURE_BUDGET_S + 1)
+
+
 def tiny_model(**sizes) -> SeemoreVLM:
     cfg = ModelConfig(**{**dict(img_size=16, patch_size=8, image_embed_dim=32, num_blks=1, n_embd=32, n_layer=1,
                                 n_head=2, max_caption_len=8), **sizes})
