@@ -39,7 +39,7 @@ def utilisation(loop: OurLoop, samples_per_s: float, precision: str) -> dict:
     """Model FLOPs per sample, the device's peak for ``precision`` and the MFU it makes."""
     device = loop.backend.device
     peak, source = peak_tflops(device, precision)
-    flops = loop.backend.module.flops_per_sample()
+    flops = loop.backend.module.flops_per_sample(loop.split.text_len)
     return {"gflop_per_sample": round(flops / 1e9, 3), "peak_tflops": round(peak, 4), "peak_source": source,
             "mfu": round(mfu(samples_per_s, flops, peak), 4)}
 
@@ -155,7 +155,7 @@ def scaling_part(steps: int, rounds: int, batch_size: int, device: str) -> tuple
                                          sizes.get("max_caption_len", SEEMORE_SIZES["max_caption_len"]))
             loop = OurLoop(seemore_config(batch, "fp32", "cls", device=device, **sizes), data, tokenizer)
             loops[(variable, value)] = loop
-            flops[(variable, value)] = batch * loop.backend.module.flops_per_sample()
+            flops[(variable, value)] = batch * loop.backend.module.flops_per_sample(loop.split.text_len)
     elapsed = time_in_turns(loops, steps, rounds)
     rows, table = [], ["| varied | value | step ms | GFLOP/step | ms per GFLOP |", "|---|---:|---:|---:|---:|"]
     for (variable, value), seconds in elapsed.items():

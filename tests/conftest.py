@@ -93,6 +93,16 @@ def read_csv_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def trained_text_len(run_dir: Path) -> int:
+    """The text positions a run trained: its training split's longest caption + 1 (<bos> / <eos>), worked
+    out from its saved config's data, not from anything the run reported."""
+    from seemore_ds.config import load_config
+    from seemore_ds.data.dataset import load_train_val
+
+    _, train_data, _ = load_train_val(load_config(str(run_dir / "config.yaml")))
+    return max(map(len, train_data.captions)) + 1
+
+
 @dataclass
 class TrainedRun:
     work_dir: Path  # the user's current folder

@@ -24,6 +24,7 @@ from seemore_ds.backends.ds_config import resolve_ds_config
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError
 from seemore_ds.launching import free_port
+from tests.conftest import trained_text_len
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -328,7 +329,8 @@ def test_flops_profiler_timers_and_mfu_under_two_rank_zero2(tmp_path, monkeypatc
     from seemore_ds.model import SeemoreVLM
     from seemore_ds.tokenizer import CharTokenizer
 
-    flops_per_sample = SeemoreVLM(cfg.model, CharTokenizer.load(run_dir / "tokenizer.json").vocab_size).flops_per_sample()
+    model = SeemoreVLM(cfg.model, CharTokenizer.load(run_dir / "tokenizer.json").vocab_size)
+    flops_per_sample = model.flops_per_sample(trained_text_len(run_dir))
     profiled_per_sample = 3 * figure("fwd flops per GPU") / cfg.train.batch_size  # one micro-batch's forward, x3
     assert abs(profiled_per_sample / flops_per_sample - 1) <= 0.10, (profiled_per_sample, flops_per_sample)
 

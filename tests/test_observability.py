@@ -19,22 +19,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.throughput import SEEMORE_SIZES
 from seemore_ds.backends.ds_config import resolve_ds_config
 from seemore_ds.config import load_config
-from seemore_ds.data.dataset import load_train_val
 from seemore_ds.errors import UserError
 from seemore_ds.metrics.plots import PLOT_FILES, plot_runs
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.tokenizer import CharTokenizer
-from tests.conftest import read_csv_rows
+from tests.conftest import read_csv_rows, trained_text_len
 
 SMALL = ["model.img_size=32", "model.patch_size=16", "model.image_embed_dim=32", "model.num_blks=1", "model.n_embd=32",
          "model.n_layer=1", "model.n_head=2", "data.synth_n=64", "train.batch_size=8", "train.backend=torch",
          "train.device=cpu", "log.progress=false", "train.precision=fp32"]
-
-
-def trained_text_len(run_dir: Path) -> int:
-    """The text positions the run trained: its training split's longest caption + 1 (<bos> / <eos>)."""
-    _, train_data, _ = load_train_val(load_config(str(run_dir / "config.yaml")))
-    return max(map(len, train_data.captions)) + 1
 
 
 def model_flops_per_sample(run_dir: Path) -> int:
