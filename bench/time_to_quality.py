@@ -2,7 +2,7 @@
 seemore's original recipe on the same data and wall-clock budget.
 
     python -m bench.time_to_quality [--families shapes,polygons,...] [--seeds 1337,1,2]
-        [--recipes defaults,seemore] [--n 3000] [--budget-s 300] [--eval-every 50] [--out runs/ttq] [key=value ...]
+        [--recipes defaults,seemore,pooled] [--n 3000] [--budget-s 300] [--eval-every 50] [--out runs/ttq] [key=value ...]
 
 For each family (``bench.caption_families``) the bench writes one CSV, then trains each recipe on it
 once per seed (``train.seed``: the split, the initial weights and the data order), engine-free on
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from bench.caption_families import FAMILIES, write_family_csv
+from seemore_ds.precision import cpu_facts
 
 THRESHOLDS = (0.9, 0.95)
 # seemore's notebook: one patch conv, the CLS vector as the only image token, no LayerNorm on the
@@ -33,6 +34,8 @@ THRESHOLDS = (0.9, 0.95)
 # no clipping; it trains until the budget ends it.
 RECIPES = {
     "defaults": [],
+    # The defaults handing the decoder the CLS token and the patch grid averaged 2 x 2 (fewer, cheaper tokens).
+    "pooled": ["model.image_tokens=pooled"],
     "seemore": ["model.image_tokens=cls", "model.patch_embed=patch", "model.patch_norm=false",
                 "model.image_embed_dim=512", "model.n_layer=8", "model.dropout=0.1", "train.batch_size=16",
                 "train.lr=0.001", "train.warmup_steps=0", "train.min_lr_ratio=1.0", "train.weight_decay=0.01",
@@ -110,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
     parser.add_argument("--seeds", default="1337,1,2")
-    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--recipes", default="defaults,seemore", help=f"comma-separated, of {', '.join(RECIPES)}")
     parser.add_argument("--n", type=int, default=3000, help="rows per family (10%% held out)")
     parser.add_argument("--budget-s", type=float, default=300.0, help="wall-clock seconds at most per run")
     parser.add_argument("--eval-every", type=int, default=50)
@@ -123,6 +126,8 @@ def main() -> None:
         parser.error(f"unknown family or recipe: {', '.join(unknown)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"bench": "time_to_quality", "machine": cpu_facts(), "n": args.n, "budget_s": args.budget_s,
+                      "eval_every": args.eval_every, "overrides": args.overrides}), flush=True)
     results = []
     for family in families:
         csv_path = write_family_csv(family, out / f"{family}.csv", args.n, seed=0)
