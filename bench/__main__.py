@@ -6,7 +6,7 @@
 Prints one JSON line per figure as it is measured, then a Markdown table per part for docs/performance.md.
 Loops compared with each other take turns in rounds inside one process, so machine noise hits
 them alike and the ratios hold even on a busy machine; absolute figures do not. By default on a CPU
-bf16 runs only where the CPU multiplies bf16 at least as fast as fp32 (see ``default_precisions``).
+bf16 runs only where the CPU multiplies bf16 at least as fast as fp32 (see ``bench.throughput.default_precisions``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 
 from bench.engine_stages import engine_part
 from bench.image_cache import cache_part
-from bench.suite import data_part, default_precisions, mfu_part, scaling_part, throughput_part
+from bench.suite import data_part, mfu_part, scaling_part, throughput_part
+from bench.throughput import default_precisions
 from seemore_ds.backends.base import resolve_device
 
 PARTS = ("throughput", "mfu", "data", "cache", "engine", "scaling")

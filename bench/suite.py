@@ -25,16 +25,6 @@ from seemore_ds.trainer import train
 NINETY_M_SIZES = dict(SEEMORE_SIZES, image_embed_dim=768, n_embd=768, num_blks=6, n_layer=6, n_head=12, patch_size=8)
 
 
-def default_precisions(device: torch.device) -> list[str]:
-    """fp32, and the reduced precisions the device multiplies faster than fp32 (a CPU without bf16
-    instructions emulates bf16 matmuls, two orders of magnitude slower: not worth a benchmark's time)."""
-    if device.type == "cuda":
-        return ["fp32", "bf16", "fp16"]
-    fp32_peak, _ = peak_tflops(device, "fp32")
-    bf16_peak, _ = peak_tflops(device, "bf16")
-    return ["fp32", "bf16"] if bf16_peak >= fp32_peak else ["fp32"]
-
-
 def utilisation(loop: OurLoop, samples_per_s: float, precision: str) -> dict:
     """Model FLOPs per sample, the device's peak for ``precision`` and the MFU it makes."""
     device = loop.backend.device

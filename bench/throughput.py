@@ -25,6 +25,7 @@ from seemore_ds.data.dataset import CaptionData, ResumableSampler, TokenizedSpli
 from seemore_ds.data.images import to_rgb_array
 from seemore_ds.data.synthetic import synthetic_dataset
 from seemore_ds.model import SeemoreVLM
+from seemore_ds.profiling.peak import peak_tflops
 from seemore_ds.tokenizer import CharTokenizer
 
 # seemore's own model: its sizes and its single patch_size convolution (what the straightforward loop runs).
@@ -33,6 +34,16 @@ SEEMORE_SIZES = dict(img_size=96, patch_size=16, image_embed_dim=512, num_blks=3
                      patch_norm=False)
 
 DEFAULT_STRUCTURE = dict(patch_embed="conv_stem", patch_norm=True)
+
+
+def default_precisions(device: torch.device) -> list[str]:
+    """fp32, and the reduced precisions the device multiplies faster than fp32 (a CPU without bf16
+    instructions emulates bf16 matmuls, two orders of magnitude slower: not worth a benchmark's time)."""
+    if device.type == "cuda":
+        return ["fp32", "bf16", "fp16"]
+    fp32_peak, _ = peak_tflops(device, "fp32")
+    bf16_peak, _ = peak_tflops(device, "bf16")
+    return ["fp32", "bf16"] if bf16_peak >= fp32_peak else ["fp32"]
 
 
 def seemore_config(batch_size: int, precision: str, image_tokens: str, compile: bool = False, device: str = "cpu",
@@ -131,8 +142,8 @@ def main() -> None:
     data, tokenizer = bench_data(max(512, args.batch_size * 8))
     loops = {
         "straightforward fp32": StraightforwardLoop(data, tokenizer, args.batch_size),
-        "seemore-ds fp32 (cls token)": OurLoop(seemore_config(args.batch_size, "fp32", "cls"), data, tokenizer),
-        "seemore-ds bf16 (cls token)": OurLoop(seemore_config(args.batch_size, "bf16", "cls"), data, tokenizer),
+        **{f"seemore-ds {precision} (cls token)": OurLoop(seemore_config(args.batch_size, precision, "cls"), data, tokenizer)
+           for precision in default_precisions(torch.device("cpu"))},
         "seemore-ds fp32 (patch tokens)": OurLoop(seemore_config(args.batch_size, "fp32", "patches"), data, tokenizer),
         # The default model's structure (conv stem, LayerNormed patches) at seemore's widths.
         "seemore-ds fp32 (default model, patch tokens)": OurLoop(
