@@ -90,7 +90,7 @@ def spread(values: list[float | None], digits: int) -> str:
     reached = [v for v in values if v is not None]
     if not reached:
         return "-"
-    text = f"{round(statistics.median(reached), digits)} [{round(min(reached), digits)}-{round(max(reached), digits)}]"
+    text = f"{statistics.median(reached):.{digits}f} [{min(reached):.{digits}f}-{max(reached):.{digits}f}]"
     return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)})"
 
 
