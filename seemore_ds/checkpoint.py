@@ -402,7 +402,6 @@ class CheckpointManager:
         if self.writes:
             staging_dir(self.root, tag)
         backend.barrier()
-        backend.average_running_stats()  # the checkpoint holds rank 0's copy of them
         improved = val_loss is not None and val_loss < state.best_val_loss
         if improved:
             state.best_val_loss = val_loss

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 
 from seemore_ds.config import ModelConfig
 from seemore_ds.tokenizer import IGNORE_INDEX
@@ -102,7 +103,10 @@ class BatchNorm2d(nn.BatchNorm2d):
         # torch's fused kernel (one pass forward, one backward) updates copies of the statistics, which are
         # kept only if finite.
         mean, var = self.running_mean.clone(), self.running_var.clone()
-        out = F.batch_norm(x, mean, var, weight, bias, True, self.momentum, self.eps)
+        momentum = self.momentum
+        if momentum is None:  # a cumulative average, as nn.BatchNorm2d keeps (update_bn asks for one)
+            momentum = 1.0 / (self.num_batches_tracked.item() + 1)
+        out = F.batch_norm(x, mean, var, weight, bias, True, momentum, self.eps)
         with torch.no_grad():
             finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
             self.running_mean.copy_(torch.where(finite, mean, self.running_mean))
@@ -241,13 +245,27 @@ class SeemoreVLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> the ViT's input: in [-1, 1], on the model's device and in its dtype."""
+        return images.to(self.vit.cls_token.device, self.vit.cls_token.dtype) / 127.5 - 1.0
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> image tokens in the decoder's space (B, num_image_tokens, n_embd)."""
-        x = images.to(self.vit.cls_token.dtype) / 127.5 - 1.0
-        tokens = self.vit(x, keep=1 if self.cfg.image_tokens == "cls" else None)
+        tokens = self.vit(self.pixels(images), keep=1 if self.cfg.image_tokens == "cls" else None)
         if self.cfg.image_tokens == "pooled":
             tokens = pool_patch_tokens(tokens, self.cfg.token_pool)
         return self.projector(tokens)
+
+    @torch.no_grad()
+    def settle_running_stats(self, images: torch.Tensor, batch_size: int) -> None:
+        """The stem's BatchNorm running statistics recomputed for the current weights: their average over
+        ``images`` (uint8, in batches of ``batch_size``), which evaluation and inference then use.
+
+        The running averages that training keeps trail its weights: measured on a held-out split, a
+        checkpoint evaluated with them scored 0.04 exact match where the same weights score 0.97 with
+        statistics recomputed (docs/time_to_quality.md). Only the stem runs; no random numbers are drawn."""
+        batches = (self.pixels(images[i:i + batch_size]) for i in range(0, len(images), batch_size))
+        update_bn(batches, self.vit.patch_embed)
 
     def forward(self, images, input_ids, targets=None):
         """Returns (logits over the text positions, mean loss over non-ignored targets or None)."""

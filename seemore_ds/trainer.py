@@ -28,6 +28,9 @@ from seemore_ds.tokenizer import CharTokenizer
 from seemore_ds.validator import Validator
 
 BAD_ROWS_FILE = "bad_rows.csv"
+# Training images BatchNorm's statistics are recomputed from before evaluations and checkpoints: enough
+# batches for a steady average, a small cost beside an evaluation.
+STATS_IMAGES = 512
 
 
 @dataclass
@@ -114,6 +117,7 @@ class Trainer:
             precision=self.backend.precision, samples_per_step=self.samples_per_step, is_main=self.is_main,
             resume_step=self.step if self.resume_from else None, wandb_run_id=self.state.wandb_run_id, say=self.say)
         self.last_checkpoint: Path | None = None
+        self.settled_step: int | None = None  # the step whose weights BatchNorm's statistics were recomputed for
 
     @property
     def step(self) -> int:
@@ -151,8 +155,17 @@ class Trainer:
         if self.resume_from:
             self.say(f"resuming from {self.resume_from} at step {self.step}")
 
+    def settle_running_stats(self) -> None:
+        """BatchNorm's statistics recomputed for this step's weights (once per step) from the first
+        STATS_IMAGES training images, the same on every rank; every rank calls it."""
+        if self.settled_step != self.step:
+            images = self.train_split.data.images_at(torch.arange(min(STATS_IMAGES, len(self.train_split))))
+            self.backend.settle_running_stats(images, self.cfg.train.batch_size)
+            self.settled_step = self.step
+
     def save_checkpoint(self, val_loss: float | None) -> Path:
         """The manager writes this step's checkpoint; every rank calls it."""
+        self.settle_running_stats()  # a checkpoint, and what is exported from it, evaluates as the run did
         self.state.samples_seen = self.step * self.samples_per_step
         self.state.skipped_steps = self.guard.skipped_steps  # read at every checkpoint step
         self.state.wandb_run_id = self.metrics.wandb_run_id  # a resumed run continues it
@@ -180,6 +193,8 @@ class Trainer:
             self.guard.count(step, stats)
             self.metrics.end_step(step, stats, self.backend.profiled_forward)
             skipped = self.guard.read(step) if read_now else 0
+            if validate:
+                self.settle_running_stats()
             validation = self.validator.run(step) if validate else None
             self.metrics.log(step, stats, self.sampler.epoch, skipped, validation)
             if save:

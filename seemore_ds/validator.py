@@ -34,7 +34,6 @@ class Validator:
     def run(self, step: int) -> Validation:
         """Val loss on up to ``eval.max_batches`` batches, exact match on as many rows (at the last step the
         whole split, the run's final figure), and on rank 0 ``captions.png``; every rank calls it."""
-        self.backend.average_running_stats()
         batch_size, max_batches = self.cfg.train.batch_size, self.cfg.eval.max_batches
         last = step == self.cfg.train.max_steps
         with self.backend.full_model() as model:

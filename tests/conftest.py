@@ -103,6 +103,27 @@ def trained_text_len(run_dir: Path) -> int:
     return max(map(len, train_data.captions)) + 1
 
 
+def settled_running_stats(config_file: Path, weights_file: Path) -> tuple[dict, dict]:
+    """(the BatchNorm running statistics in ``weights_file``, the same recomputed for its weights from the
+    training images the trainer settles them on): a checkpoint or export must hold the second."""
+    from safetensors.torch import load_file
+
+    from seemore_ds.config import load_config
+    from seemore_ds.data.dataset import load_train_val
+    from seemore_ds.model import SeemoreVLM
+    from seemore_ds.tokenizer import CharTokenizer
+    from seemore_ds.trainer import STATS_IMAGES
+
+    cfg = load_config(str(config_file))
+    _, train, _ = load_train_val(cfg)
+    weights = load_file(str(weights_file))
+    model = SeemoreVLM(cfg.model, CharTokenizer.load(config_file.parent / "tokenizer.json").vocab_size)
+    model.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
+    saved = {name: weights[name].float() for name, _ in model.named_buffers() if "running_" in name}
+    model.settle_running_stats(train.images_at(torch.arange(min(STATS_IMAGES, len(train)))), cfg.train.batch_size)
+    return saved, {name: stats for name, stats in model.named_buffers() if name in saved}
+
+
 @dataclass
 class TrainedRun:
     work_dir: Path  # the user's current folder

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from seemore_ds.backends.torch_backend import TorchBackend
 from seemore_ds.checkpoint import CheckpointManager, list_checkpoints, read_checkpoint_record, read_pointer
@@ -16,7 +17,7 @@ from seemore_ds.config import load_config
 from seemore_ds.data.dataset import ResumableSampler
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.tokenizer import CharTokenizer
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, settled_running_stats
 
 RUN = [*TINY, "train.max_steps=3", "checkpoint.every=1", "checkpoint.keep_last=0", "eval.every=1", "log.every=1"]
 
@@ -136,3 +137,13 @@ def test_a_conversion_killed_halfway_is_never_trusted(tmp_path):
     assert intact_universal(folder) is None
     publish_universal(folder, lambda out: (out / "zero").mkdir(parents=True))
     assert intact_universal(folder) == folder / "universal" and not list(folder.glob(".tmp-*"))
+
+
+def test_a_checkpoint_holds_batchnorm_statistics_recomputed_for_its_weights(tiny_run):
+    """Evaluation, export and inference read the statistics the checkpoint holds; the averages training
+    keeps trail the weights, so the run recomputes them before it evaluates and saves."""
+    root = tiny_run.run_dir / "checkpoints"
+    saved, settled = settled_running_stats(root / read_pointer(root / "latest") / "config.yaml",
+                                           root / read_pointer(root / "latest") / "model.safetensors")
+    assert len(saved) == 6  # mean and variance of the stem's three BatchNorms
+    torch.testing.assert_close(saved, settled)

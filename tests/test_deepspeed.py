@@ -18,13 +18,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from seemore_ds.__main__ import main
 from seemore_ds.backends.ds_config import resolve_ds_config
 from seemore_ds.config import load_config
 from seemore_ds.errors import UserError
 from seemore_ds.launching import free_port
-from tests.conftest import trained_text_len
+from tests.conftest import settled_running_stats, trained_text_len
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -184,6 +185,9 @@ def test_checkpoint_is_sharded_per_rank_and_export_matches_engine(runs, name, ca
     # bf16: the engine evaluates its bf16 weights, the export holds the fp32 master weights.
     tolerance = 2e-2 if name.endswith("bf16") else 1e-5
     assert abs(exported["val_loss"] - engine_val) <= tolerance, (exported, engine_val)
+    # Every rank settled BatchNorm's statistics on the same images; the export holds them.
+    saved, settled = settled_running_stats(out / "config.yaml", out / "model.safetensors")
+    torch.testing.assert_close(saved, settled, atol=tolerance, rtol=tolerance)
 
 
 def test_hf_style_config_in_one_process_matches_the_engine_free_backend(tmp_path):

@@ -278,3 +278,25 @@ def test_a_non_finite_batch_leaves_the_stem_batchnorm_statistics_alone():
     x[0, 0, 0, 0] = float("nan")
     norm(x)
     torch.testing.assert_close((norm.running_mean, norm.running_var), before)
+
+
+def test_settled_statistics_average_the_stem_batchnorm_inputs_of_the_images_at_the_current_weights():
+    model = tiny_model()  # conv stem: three BatchNorms
+    norms = [m for m in model.vit.patch_embed.modules() if isinstance(m, BatchNorm2d)]
+    for norm in norms:  # statistics left behind by other weights
+        norm.running_mean.fill_(5.0)
+        norm.running_var.fill_(9.0)
+    images = random_images(8)
+    inputs = {norm: [] for norm in norms}
+    hooks = [norm.register_forward_pre_hook(lambda norm, args: inputs[norm].append(args[0].detach()))
+             for norm in norms]
+    rng = torch.get_rng_state()
+    model.settle_running_stats(images, batch_size=4)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(torch.get_rng_state(), rng)  # a run that settles draws the same random numbers after
+    assert not model.training and all(norm.momentum == 0.1 for norm in norms)
+    for norm in norms:
+        first, second = inputs[norm]  # one input per batch of 4
+        torch.testing.assert_close(norm.running_mean, (first.mean((0, 2, 3)) + second.mean((0, 2, 3))) / 2)
+        torch.testing.assert_close(norm.running_var, (first.var((0, 2, 3)) + second.var((0, 2, 3))) / 2)

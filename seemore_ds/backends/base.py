@@ -130,11 +130,11 @@ class Backend(Protocol):
     def profiled_forward(self) -> tuple[float, int] | None:
         """(forward FLOPs of one micro-batch, parameters) as an engine's flops profiler counted them; None: no profile."""
 
-    def average_running_stats(self) -> None:
-        """Make every rank's BatchNorm running statistics their mean over the ranks; every rank calls it.
-
-        Each rank normalises its own micro-batches, so the statistics drift apart; evaluation, checkpoints
-        and their export must see one model (timm's ``distribute_bn`` does the same)."""
+    def settle_running_stats(self, images: torch.Tensor, batch_size: int) -> None:
+        """Recompute the BatchNorm running statistics for the current weights from ``images`` (the same on
+        every rank, so every rank gets the same statistics), before evaluation and checkpoints; every rank
+        calls it. The averages kept while training trail the weights and differ between ranks, each rank
+        normalising its own micro-batches; evaluation, checkpoints and their export must see one model."""
 
     def layout(self) -> WrittenBy:
         """``checkpoint.WrittenBy``: backend, rank count, ZeRO stage and precision of this run."""

@@ -221,16 +221,13 @@ class DeepSpeedBackend:
             torch.distributed.all_reduce(tensor, op=op, group=group)
         return tensor
 
-    def average_running_stats(self) -> None:
-        if self.world_size == 1:
-            return
-        for module in self.engine.module.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                for stats in (module.running_mean, module.running_var):  # buffers: never partitioned by ZeRO
-                    torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
-                    stats.div_(self.world_size)
-        if self._replica is not None:
-            self._copy_buffers_to_replica()
+    def settle_running_stats(self, images: torch.Tensor, batch_size: int) -> None:
+        with self.full_model() as model:  # under ZeRO-3 the stem runs on the gathered copy
+            model.settle_running_stats(images, batch_size)
+        if self._replica is not None:  # the checkpoint saves the engine's own buffers (never partitioned)
+            with torch.no_grad():
+                for own, full in zip(self.engine.module.buffers(), self._replica.buffers()):
+                    own.copy_(full)
 
     def _copy_buffers_to_replica(self) -> None:
         """BatchNorm's statistics into the ZeRO-3 evaluation copy; buffers are whole on every rank, no gather."""

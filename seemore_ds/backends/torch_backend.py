@@ -111,8 +111,9 @@ class TorchBackend:
     def all_reduce(self, tensor: torch.Tensor, op: torch.distributed.ReduceOp.RedOpType) -> torch.Tensor:
         return tensor  # one rank: every reduction is the tensor itself
 
-    def average_running_stats(self) -> None:
-        pass  # one process: one set of statistics
+    def settle_running_stats(self, images: torch.Tensor, batch_size: int) -> None:
+        with self.autocast():  # the stem's outputs as training and evaluation compute them
+            self.module.settle_running_stats(images, batch_size)
 
     def barrier(self) -> None:
         pass
