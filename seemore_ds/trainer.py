@@ -16,7 +16,7 @@ from seemore_ds import checkpoint as ckpt
 from seemore_ds.backends import build_backend
 from seemore_ds.config import Config, save_config
 from seemore_ds.data.csv_reader import summarize_bad_rows, write_bad_rows
-from seemore_ds.data.dataset import BatchPrefetcher, ResumableSampler, TokenizedSplit, load_train_val
+from seemore_ds.data.dataset import BatchPrefetcher, CaptionData, ResumableSampler, TokenizedSplit, load_train_val
 from seemore_ds.data.tables import absolute_spec
 from seemore_ds.errors import UserError
 from seemore_ds.metrics.processor import MetricsProcessor, ModelFigures
@@ -31,6 +31,11 @@ BAD_ROWS_FILE = "bad_rows.csv"
 # Training images BatchNorm's statistics are recomputed from before evaluations and checkpoints: enough
 # batches for a steady average, a small cost beside an evaluation.
 STATS_IMAGES = 512
+
+
+def running_stats_images(train_data: CaptionData) -> torch.Tensor:
+    """The images BatchNorm's statistics are recomputed from: the first STATS_IMAGES training rows."""
+    return train_data.images_at(torch.arange(min(STATS_IMAGES, len(train_data))))
 
 
 @dataclass
@@ -156,11 +161,10 @@ class Trainer:
             self.say(f"resuming from {self.resume_from} at step {self.step}")
 
     def settle_running_stats(self) -> None:
-        """BatchNorm's statistics recomputed for this step's weights (once per step) from the first
-        STATS_IMAGES training images, the same on every rank; every rank calls it."""
+        """BatchNorm's statistics recomputed for this step's weights (once per step) from the same training
+        images on every rank; every rank calls it."""
         if self.settled_step != self.step:
-            images = self.train_split.data.images_at(torch.arange(min(STATS_IMAGES, len(self.train_split))))
-            self.backend.settle_running_stats(images, self.cfg.train.batch_size)
+            self.backend.settle_running_stats(running_stats_images(self.train_split.data), self.cfg.train.batch_size)
             self.settled_step = self.step
 
     def save_checkpoint(self, val_loss: float | None) -> Path:

@@ -112,7 +112,7 @@ def settled_running_stats(config_file: Path, weights_file: Path) -> tuple[dict, 
     from seemore_ds.data.dataset import load_train_val
     from seemore_ds.model import SeemoreVLM
     from seemore_ds.tokenizer import CharTokenizer
-    from seemore_ds.trainer import STATS_IMAGES
+    from seemore_ds.trainer import running_stats_images
 
     cfg = load_config(str(config_file))
     _, train, _ = load_train_val(cfg)
@@ -120,7 +120,7 @@ def settled_running_stats(config_file: Path, weights_file: Path) -> tuple[dict, 
     model = SeemoreVLM(cfg.model, CharTokenizer.load(config_file.parent / "tokenizer.json").vocab_size)
     model.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
     saved = {name: weights[name].float() for name, _ in model.named_buffers() if "running_" in name}
-    model.settle_running_stats(train.images_at(torch.arange(min(STATS_IMAGES, len(train)))), cfg.train.batch_size)
+    model.settle_running_stats(running_stats_images(train), cfg.train.batch_size)
     return saved, {name: stats for name, stats in model.named_buffers() if name in saved}
 
 

@@ -147,7 +147,7 @@ class DeepSpeedBackend:
                 with torch.no_grad():
                     for full, partitioned in zip(self._replica.parameters(), params):
                         full.copy_(partitioned.data)
-            self._copy_buffers_to_replica()
+            copy_buffers(self.engine.module, self._replica)
             self._replica_step = self.engine.global_steps
         self._gathered = True
         try:
@@ -224,16 +224,8 @@ class DeepSpeedBackend:
     def settle_running_stats(self, images: torch.Tensor, batch_size: int) -> None:
         with self.full_model() as model:  # under ZeRO-3 the stem runs on the gathered copy
             model.settle_running_stats(images, batch_size)
-        if self._replica is not None:  # the checkpoint saves the engine's own buffers (never partitioned)
-            with torch.no_grad():
-                for own, full in zip(self.engine.module.buffers(), self._replica.buffers()):
-                    own.copy_(full)
-
-    def _copy_buffers_to_replica(self) -> None:
-        """BatchNorm's statistics into the ZeRO-3 evaluation copy; buffers are whole on every rank, no gather."""
-        with torch.no_grad():
-            for full, own in zip(self._replica.buffers(), self.engine.module.buffers()):
-                full.copy_(own)
+        if self._replica is not None:  # the checkpoint saves the engine's own buffers
+            copy_buffers(self._replica, self.engine.module)
 
     def barrier(self) -> None:
         torch.distributed.barrier()
@@ -321,3 +313,11 @@ def _set_schedule_position(scheduler, optimizer, position: int) -> None:
     for group, rate in zip(optimizer.param_groups, rates):
         group["lr"] = rate
     scheduler.last_epoch, scheduler._last_lr = position, rates
+
+
+def copy_buffers(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """BatchNorm's statistics between the engine's model and its ZeRO-3 evaluation copy; buffers are whole on
+    every rank (ZeRO never partitions them), so no gather."""
+    with torch.no_grad():
+        for target_buffer, source_buffer in zip(target.buffers(), source.buffers()):
+            target_buffer.copy_(source_buffer)
