@@ -36,6 +36,19 @@ TINY_RUN = TINY + [
 ]
 
 
+def pytest_sessionstart(session):
+    """A lock file that a killed op build left behind hangs every DeepSpeed launch (see
+    deepspeed_compat.stale_op_build_locks): the suite removes such locks before its first test, when none
+    of its own builds can be running. Only the controlling process does, not each xdist worker."""
+    if hasattr(session.config, "workerinput"):
+        return
+    from seemore_ds.backends.deepspeed_compat import stale_op_build_locks
+
+    for lock, age_s in stale_op_build_locks():
+        lock.unlink(missing_ok=True)
+        print(f"removed {lock}, left {age_s / 60:.0f} min ago by a killed op build", file=sys.stderr)
+
+
 class CLI:
     """``python -m seemore_ds ...`` in a subprocess, from a folder of the test's choosing."""
 

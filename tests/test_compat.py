@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +51,9 @@ facts["shm_buffer_we_name"] = compat.shared_allreduce_buffer(0).name
 compat.unlink_shared_allreduce_buffer(0)
 facts["shm_buffers_after_unlink"] = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 facts["deepspeed_logger"] = deepspeed.utils.logger.name
+facts["shm_comm_loaded_from"] = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                                 if line.endswith("/deepspeed_shm_comm.so")][:1]
+facts["op_build_root"] = str(compat.op_build_root())
 
 
 def tiny_engine(adapted):
@@ -125,6 +130,27 @@ def test_the_shared_memory_name_we_unlink_is_the_one_deepspeed_creates(engine_fa
     """Checked by real use: after init_distributed the file exists under the name we build, and only it."""
     assert engine_facts["shm_buffers_before_unlink"] == [engine_facts["shm_buffer_we_name"]]
     assert engine_facts["shm_buffers_after_unlink"] == []
+
+
+def test_the_op_build_folder_we_name_is_the_one_deepspeed_loads_its_ops_from(engine_facts):
+    [shm_comm] = engine_facts["shm_comm_loaded_from"]
+    assert Path(shm_comm).parent.parent == Path(engine_facts["op_build_root"])
+
+
+def test_a_lock_older_than_any_build_is_named_with_its_fix_and_left_in_place(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert compat.op_build_root() == tmp_path
+    left_behind, building = tmp_path / "cpu_adam" / "lock", tmp_path / "deepspeed_shm_comm" / "lock"
+    for lock in (left_behind, building):
+        lock.parent.mkdir()
+        lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(left_behind, (an_hour_ago, an_hour_ago))
+    compat.report_stale_op_build_locks()
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"{left_behind} is 60 min old: loading DeepSpeed's cpu_adam op waits for it to go")
+    assert line.endswith("if no process is building that op, delete the file")
+    assert left_behind.exists() and building.exists()
 
 
 def test_the_engine_prints_timers_unless_quietened(engine_facts):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torch.utils.cpp_extension import get_default_build_root
 
 from seemore_ds import precision
+from seemore_ds.backends.deepspeed_compat import op_build_root
 from seemore_ds.config import ModelConfig
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.precision import Choice, cpu_auto_choice, cpu_choice, gpu_choice
@@ -21,9 +21,6 @@ from test_multinode import TINY as NODE_TINY
 from test_multinode import TwoNodes
 
 OTHER = {"fp32": "bf16", "bf16": "fp32"}
-# torch keeps DeepSpeed's JIT-built ops under XDG_CACHE_HOME too: a node given a cache folder of its own
-# must still find the ops already built, or it spends minutes building deepspeed_shm_comm again.
-SHARED_OP_BUILDS = {"TORCH_EXTENSIONS_DIR": get_default_build_root()}
 
 
 def test_cpu_rule_prefers_fp32_unless_bf16_is_clearly_faster():
@@ -149,9 +146,12 @@ def test_two_ranks_on_two_nodes_train_in_rank_0s_pick(engine_free_runs):
         forge(caches[0], key, "bf16")
         forge(caches[1], key, "fp32")
         node1_cache = (caches[1] / "seemore_ds" / "precision_auto.json").read_text()
+        # torch keeps DeepSpeed's JIT-built ops under XDG_CACHE_HOME too: a node given a cache folder of its own
+        # must still find the ops already built, or it spends minutes building deepspeed_shm_comm again.
+        shared_op_builds = {"TORCH_EXTENSIONS_DIR": str(op_build_root())}
         with TwoNodes() as nodes:
             node0, node1 = nodes.launch(work, "run", [*NODE_TINY, "train.precision=auto", "train.max_steps=2"],
-                                        node_env=[{"XDG_CACHE_HOME": str(cache), **SHARED_OP_BUILDS} for cache in caches])
+                                        node_env=[{"XDG_CACHE_HOME": str(cache), **shared_op_builds} for cache in caches])
         assert "precision: auto -> bf16 (cached: bf16 step 2.00x faster" in node0
         assert "precision:" not in node1  # rank 0 alone decides and says so
         assert "backend DeepSpeedBackend on cpu x 2, bf16" in node0

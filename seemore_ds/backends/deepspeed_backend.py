@@ -49,6 +49,8 @@ class DeepSpeedBackend:
         # every rank before anything is started or changed. train.precision=auto is settled for real below.
         ds_config_for(copy.deepcopy(cfg), int(os.environ.get("WORLD_SIZE", 1)))
         compat.prepare_environment(resolve_device(cfg.train.device))
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one report per machine
+            compat.report_stale_op_build_locks()
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 

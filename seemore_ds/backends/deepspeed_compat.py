@@ -15,6 +15,8 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -31,6 +33,9 @@ OVERFLOW_WRITTEN_FOR = SpecifierSet(">=0.19,<0.20")
 QUIET_WRITTEN_FOR = SpecifierSet(">=0.19,<0.20")
 WEIGHTS_ONLY_WRITTEN_FOR = SpecifierSet(">=0.19,<0.20")
 UNIVERSAL_LOAD_WRITTEN_FOR = SpecifierSet(">=0.19,<0.20")
+# Longer than any op build takes, even on 2 cores (cpu_adam: ~3 min): an older lock file is one a killed
+# build left behind.
+STALE_OP_BUILD_LOCK_S = 600
 
 # SynchronizedWallClockTimer.log's parameters, which the replacement must accept.
 TIMERS_LOG_PARAMETERS = ["names", "normalizer", "reset", "memory_breakdown", "ranks"]
@@ -69,6 +74,37 @@ def prepare_environment(device: torch.device) -> None:
            "through RANK/WORLD_SIZE", "an engine that looks for MPI or a GPU on a CPU machine")
     select_accelerator(device)
     launching.stand_in_for_launcher()
+
+
+def op_build_root() -> Path:
+    """The folder torch JIT-builds DeepSpeed's ops in for this process, one subfolder per op: TORCH_EXTENSIONS_DIR,
+    else a folder per Python and torch build under the default root (torch's own rule, asked of torch)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory("", verbose=False))
+
+
+def stale_op_build_locks() -> list[tuple[Path, float]]:
+    """The op build locks older than any build, with their ages in seconds: ones a killed build left behind.
+
+    torch builds an op under a ``lock`` file in its folder and removes it when done; every process that
+    loads the op (each rank, each launch) first waits, silently and with no end, for that file to go. A
+    build killed midway leaves it, and every later launch hangs before its first line."""
+    now, stale = time.time(), []
+    for lock in sorted(op_build_root().glob("*/lock")):
+        with contextlib.suppress(FileNotFoundError):  # a build that just ended removed it
+            age_s = now - lock.stat().st_mtime
+            if age_s > STALE_OP_BUILD_LOCK_S:
+                stale.append((lock, age_s))
+    return stale
+
+
+def report_stale_op_build_locks() -> None:
+    """Name each stale op build lock on stderr, with the fix. None is removed: a build might still own it."""
+    for lock, age_s in stale_op_build_locks():
+        print(f"{lock} is {age_s / 60:.0f} min old: loading DeepSpeed's {lock.parent.name} op waits for it to go, "
+              f"and no build takes that long; if no process is building that op, delete the file",
+              file=sys.stderr, flush=True)
 
 
 def shared_allreduce_buffer(rank: int) -> Path:
