@@ -14,17 +14,27 @@ def test_known_gpu_peaks_match_longest_name_first():
     assert profiling.known_peak_tflops("Some Future GPU", "bf16") is None
 
 
-def test_cpu_peak_is_measured_once_then_cached(tmp_path, monkeypatch):
+def test_cpu_peak_is_the_best_measurement_yet(tmp_path, monkeypatch):
+    """Each run measures again, briefly; the cache keeps the highest figure, so one taken while the machine
+    was busy does not stand for good."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # read at the call, not when the module was imported
-    measured = []
-    real = profiling.measure_matmul_tflops
+    figures = iter([0.5, 0.2, 0.8])  # TFLOP/s of three runs: busy the second time
+    lengths = []
     monkeypatch.setattr(profiling, "measure_matmul_tflops",
-                        lambda dtype, device: measured.append(dtype) or real(dtype, device, size=256, seconds=0.05))
-    first, source = profiling.peak_tflops(torch.device("cpu"), "fp32")
-    second, _ = profiling.peak_tflops(torch.device("cpu"), "fp32")
-    assert measured == [torch.float32] and first == second > 0
-    assert "measured fp32 matmul" in source
-    assert list(json.loads((tmp_path / "seemore_ds" / "matmul_peak.json").read_text()).values()) == [first]
+                        lambda dtype, device, seconds: lengths.append(seconds) or next(figures))
+    cache_file = tmp_path / "seemore_ds" / "matmul_peak.json"
+    peaks = []
+    for _ in range(3):
+        peak, source = profiling.peak_tflops(torch.device("cpu"), "fp32")
+        peaks.append(peak)
+        assert list(json.loads(cache_file.read_text()).values()) == [peak]
+    assert peaks == [0.5, 0.5, 0.8] and "measured fp32 matmul" in source
+    assert lengths == [profiling.FIRST_MEASURE_S, profiling.REMEASURE_S, profiling.REMEASURE_S]
+
+
+def test_a_matmul_measurement_is_a_plausible_figure():
+    tflops = profiling.measure_matmul_tflops(torch.float32, torch.device("cpu"), size=256, seconds=0.05)
+    assert 1e-4 < tflops < 100
 
 
 def test_measuring_the_peak_leaves_the_seeded_random_stream_alone():
