@@ -79,7 +79,7 @@ class TrainConfig:
     max_steps: int = option(1000, "optimizer steps")
     batch_size: int = option(32, "samples per rank per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(1e-3, "AdamW peak learning rate: linear warm-up, then cosine decay")
+    lr: float = option(5e-4, "AdamW peak learning rate: linear warm-up, then cosine decay")
     min_lr_ratio: float = option(0.1, "the cosine decay ends at lr x min_lr_ratio")
     warmup_steps: int = option(50, "optimizer steps of linear warm-up")
     weight_decay: float = option(0.05, "AdamW weight decay (none on biases and norms)")
