@@ -1,5 +1,6 @@
 """captions.png: what it draws (the model's own captions, wrong ones marked beside the reference),
-written at every evaluation of a run and by ``plot RUN`` from the run's latest checkpoint."""
+written at a run's last evaluation (and at earlier ones minutes apart) and by ``plot RUN`` from the run's latest
+checkpoint."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from seemore_ds.checkpoint import load_model_for_inference
 from seemore_ds.evaluation import generate_captions, held_out_data
 from seemore_ds.metrics.caption_grid import (CAPTIONS_FILE, CAPTIONS_METADATA_KEY, WRONG_COLOR, caption_grid_figure,
                                              write_caption_grid)
-from seemore_ds.validator import CAPTION_SAMPLES
+from seemore_ds import validator
+from seemore_ds.config import load_config
+from seemore_ds.validator import CAPTION_SAMPLES, CAPTIONS_REDRAW_S, Validator
 
 
 def solid_images(n: int, size: int = 8) -> np.ndarray:
@@ -77,3 +80,15 @@ def test_a_run_and_plot_draw_the_models_own_captions(tiny_run, cli, tmp_path):
     result = cli.ok(cli("plot", tiny_run.run_dir, "--out", "again", cwd=tmp_path))
     assert result.stdout.splitlines()[-1] == f"again/{CAPTIONS_FILE}"
     assert drawn_captions(tmp_path / "again" / CAPTIONS_FILE) == expected
+
+
+def test_the_grid_is_drawn_at_the_last_evaluation_and_minutes_apart_before_it_or_every_time_for_wandb(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(validator.time, "monotonic", lambda: clock[0])
+    quiet = Validator(load_config(None, []), backend=None, split=None, tokenizer=None, is_main=True)
+    with_wandb = Validator(load_config(None, ["wandb.enabled=true"]), backend=None, split=None, tokenizer=None, is_main=True)
+    clock[0] += 60
+    assert not quiet._draws_captions(last=False) and quiet._draws_captions(last=True)
+    assert with_wandb._draws_captions(last=False)
+    clock[0] += CAPTIONS_REDRAW_S
+    assert quiet._draws_captions(last=False)
