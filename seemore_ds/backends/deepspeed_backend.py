@@ -49,7 +49,8 @@ class DeepSpeedBackend:
         # every rank before anything is started or changed. train.precision=auto is settled for real below.
         ds_config_for(copy.deepcopy(cfg), int(os.environ.get("WORLD_SIZE", 1)))
         compat.prepare_environment(resolve_device(cfg.train.device))
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one report per machine
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))  # set by the launcher, or by the stand-in above
+        if local_rank == 0:  # one report per machine
             compat.report_stale_op_build_locks()
         import deepspeed
         from deepspeed.accelerator import get_accelerator
@@ -67,7 +68,6 @@ class DeepSpeedBackend:
         if accelerator.device_name() == "cpu":  # under the launcher shm_comm maps a buffer at any world size
             torch.distributed.barrier()  # past it, every rank has mapped its peers' buffers (in init_distributed)
             compat.unlink_shared_allreduce_buffer(self.rank)
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
 
         def pick_auto(open_precisions: tuple[str, ...], micro_batch: int) -> str:  # a broadcast from rank 0
