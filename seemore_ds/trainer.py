@@ -229,6 +229,9 @@ class Trainer:
         if exact is not None:
             parts.append(f"caption exact match {exact:.3f} on {len(self.val_split)} held-out rows")
         self._close("; ".join(parts))
+        advice = self.validator.longer_run_advice()
+        if advice:
+            self.say(advice)
         return TrainResult(self.run_dir, self.step, self.metrics.train_loss, validation.val_loss if validation else None,
                            exact, self.last_checkpoint)
 

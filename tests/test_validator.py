@@ -1,0 +1,45 @@
+"""The advice a run leaves when its held-out exact match ended low and still climbing: when it is given, and
+that a real run prints it."""
+
+from __future__ import annotations
+
+from seemore_ds.config import load_config
+from seemore_ds.trainer import train
+from seemore_ds.validator import Validator
+
+from conftest import TINY
+
+
+def advice(history: list[tuple[int, float]], max_steps: int = 1000) -> str | None:
+    validator = Validator(load_config(None, [f"train.max_steps={max_steps}"]), backend=None, split=None,
+                          tokenizer=None, is_main=True)
+    validator.exact_matches = history
+    return validator.longer_run_advice()
+
+
+def test_a_run_that_ends_low_and_climbing_is_told_to_train_longer():
+    # polygons with the defaults, seed 1 (docs/time_to_quality.md)
+    said = advice([(200, 0.237), (400, 0.34), (600, 0.547), (800, 0.703), (1000, 0.8)])
+    assert said == ("held-out exact match was still climbing (0.703 at step 800, 0.800 at step 1000): a longer run "
+                    "should caption better, e.g. train.max_steps=2000 (docs/time_to_quality.md)")
+    assert "train.max_steps=600" in advice([(200, 0.4), (300, 0.6)], max_steps=300)
+
+
+def test_no_advice_for_a_run_that_learned_stalled_or_did_not_reach_its_end():
+    assert advice([(800, 0.9), (1000, 0.95)]) is None  # learned: 0.95 is enough
+    assert advice([(800, 0.003), (1000, 0.01)]) is None  # flat: more of the same steps will not read glyphs
+    assert advice([(600, 0.5), (800, 0.78), (900, 0.70), (1000, 0.80)]) is None  # compared with step 800, not 600
+    assert advice([(1000, 0.5)]) is None  # eval.every=0: nothing to compare with
+    assert advice([(900, 0.1), (1000, 0.5)]) is None  # nothing evaluated at or before step 800
+    assert advice([(200, 0.2), (400, 0.5)]) is None  # stopped at step 400 of 1000 by a signal
+    assert advice([]) is None
+
+
+def test_the_trainer_prints_the_advice_after_the_run(tmp_path, monkeypatch, capsys, one_torch_thread):
+    scripted = iter([0.1, 0.2, 0.5])  # the exact match at steps 2, 4 and 5 (the last)
+    monkeypatch.setattr(Validator, "_exact_match", lambda self, model, max_rows: next(scripted))
+    cfg = load_config(None, TINY + ["train.max_steps=5", "eval.every=2", "checkpoint.every=0",
+                                    f"run.output_dir={tmp_path / 'run'}"])
+    train(cfg)
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("held-out exact match was still climbing (0.200 at step 4, 0.500 at step 5)")
