@@ -25,8 +25,8 @@ CAPTION_SAMPLES = 16  # held-out images captioned into captions.png (and W&B) at
 CAPTIONS_REDRAW_S = 300.0
 # A run that ends below STILL_LEARNING_BELOW held-out exact match, having gained at least STILL_LEARNING_GAIN over
 # its last fifth, is told that a longer run would caption better. With the defaults, polygons (counting) gain
-# 0.04-0.12 from step 800 to 1000 on three seeds, and 2,000 steps reach 0.94 (docs/time_to_quality.md); smaller
-# gains are within the step-to-step wobble of a few hundred held-out rows.
+# 0.04-0.12 from step 800 to 1000 on three seeds, and 2,000 steps reach 0.93-0.94 (docs/time_to_quality.md);
+# smaller gains are within the step-to-step wobble of a few hundred held-out rows.
 STILL_LEARNING_BELOW = 0.95
 STILL_LEARNING_GAIN = 0.03
 
