@@ -27,7 +27,7 @@ def test_a_run_that_ends_low_and_climbing_is_told_to_train_longer():
 
 def test_no_advice_for_a_run_that_learned_stalled_or_did_not_reach_its_end():
     assert advice([(800, 0.9), (1000, 0.95)]) is None  # learned: 0.95 is enough
-    assert advice([(800, 0.003), (1000, 0.01)]) is None  # flat: more of the same steps will not read glyphs
+    assert advice([(800, 0.003), (1000, 0.01)]) is None  # flat: a gain within the wobble between evaluations
     assert advice([(600, 0.5), (800, 0.78), (900, 0.70), (1000, 0.80)]) is None  # compared with step 800, not 600
     assert advice([(1000, 0.5)]) is None  # eval.every=0: nothing to compare with
     assert advice([(900, 0.1), (1000, 0.5)]) is None  # nothing evaluated at or before step 800
