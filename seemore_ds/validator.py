@@ -70,10 +70,11 @@ class Validator:
         if not self.exact_matches or self.exact_matches[-1][0] != max_steps:
             return None
         earlier = [(step, exact) for step, exact in self.exact_matches if step <= 0.8 * max_steps]
-        final = self.exact_matches[-1][1]
-        if not earlier or final >= STILL_LEARNING_BELOW or final - earlier[-1][1] < STILL_LEARNING_GAIN:
+        if not earlier:
             return None
-        step, exact = earlier[-1]
+        (step, exact), final = earlier[-1], self.exact_matches[-1][1]
+        if final >= STILL_LEARNING_BELOW or final - exact < STILL_LEARNING_GAIN:
+            return None
         return (f"held-out exact match was still climbing ({exact:.3f} at step {step}, {final:.3f} at step {max_steps}): "
                 f"a longer run should caption better, e.g. train.max_steps={2 * max_steps} (docs/time_to_quality.md)")
 
