@@ -69,6 +69,10 @@ class ModelConfig:
     patch_embed: str = option("conv_stem", "conv_stem: 3x3 stride-2 convolutions (BatchNorm, ReLU) down to the patch "
                                            "grid; patch: one patch_size convolution, as in seemore (docs/design.md); "
                                            "checkpoints written before this key existed load as patch")
+    stem_full_res_width: int = option(8, "with patch_embed=conv_stem: channels of a 3x3 stride-1 convolution "
+                                          "(BatchNorm, ReLU) that opens the stem at the image's full resolution, "
+                                          "so that fine shapes are seen before the first halving; 0: none "
+                                          "(docs/design.md); checkpoints written before this key existed load as 0")
     patch_norm: bool = option(True, "LayerNorm on each patch embedding before the positions are added, so that the "
                                     "image, not the position table, dominates the ViT's input (docs/design.md); "
                                     "checkpoints written before this key existed load as false")
@@ -185,7 +189,7 @@ POSITIVE_KEYS = (
 )
 NON_NEGATIVE_KEYS = (
     "train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "eval.every", "eval.max_batches",
-    "checkpoint.every", "checkpoint.keep_last", "data.decode_workers", "train.eps", "profile.flops_step",
+    "checkpoint.every", "checkpoint.keep_last", "data.decode_workers", "model.stem_full_res_width", "train.eps", "profile.flops_step",
     "profile.peak_tflops",
 )
 

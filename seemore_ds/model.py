@@ -118,15 +118,21 @@ class BatchNorm2d(nn.BatchNorm2d):
 class ConvStem(nn.Module):
     """Patch embedding by a stack of 3x3 stride-2 convolutions (Xiao et al., 2021, "Early convolutions
     help transformers see better"), then one conv for whatever odd factor of the patch size remains.
+    With ``full_res_width``, a 3x3 stride-1 convolution at the image's full resolution comes first: the
+    first halving no longer decides alone what a few-pixel shape looks like (docs/design.md).
 
     Output grid and width equal the single patch_size x patch_size convolution's, so it is a drop-in.
     """
 
-    def __init__(self, patch_size: int, dim: int):
+    def __init__(self, patch_size: int, dim: int, full_res_width: int = 0):
         super().__init__()
         halvings = (patch_size & -patch_size).bit_length() - 1  # times the patch size divides by 2
         rest = patch_size >> halvings
         layers, channels = [], 3
+        if full_res_width:
+            layers += [nn.Conv2d(channels, full_res_width, kernel_size=3, stride=1, padding=1, bias=False),
+                       BatchNorm2d(full_res_width), nn.ReLU()]
+            channels = full_res_width
         for i in range(halvings):
             width = max(dim >> (halvings - 1 - i), 16)
             # BatchNorm: without it this stem learns shapes no faster than the single patch conv (docs/design.md).
@@ -148,7 +154,7 @@ class ViT(nn.Module):
         dim = cfg.image_embed_dim
         self.num_patches = (cfg.img_size // cfg.patch_size) ** 2
         if cfg.patch_embed == "conv_stem":
-            self.patch_embed = ConvStem(cfg.patch_size, dim)
+            self.patch_embed = ConvStem(cfg.patch_size, dim, cfg.stem_full_res_width)
         else:  # seemore's single patch_size x patch_size convolution
             self.patch_embed = nn.Conv2d(3, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.patch_norm = nn.LayerNorm(dim) if cfg.patch_norm else nn.Identity()

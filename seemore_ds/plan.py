@@ -121,6 +121,7 @@ def activation_bytes(m: ModelConfig, vocab: int, micro_batch: int, precision: st
     if m.patch_embed == "conv_stem":
         halvings = (m.patch_size & -m.patch_size).bit_length() - 1
         side = m.img_size
+        stem += 2 * m.stem_full_res_width * side * side * b  # the stride-1 convolution's, at full resolution
         for i in range(halvings):
             side = (side + 1) // 2
             width = max(d >> (halvings - 1 - i), 16)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from seemore_ds.__main__ import main
 from seemore_ds.data.csv_reader import read_caption_csv
+from seemore_ds.manifest import write_manifest
 from seemore_ds.tokenizer import CharTokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -356,3 +357,17 @@ def test_a_checkpoint_older_than_the_conv_stem_still_captions(cli, tiny, synth_d
     assert len(result.stdout.splitlines()) == 1
     assert cli.ok(cli("export", "--checkpoint", "old", "--out", "old_export", cwd=tmp_path))
     assert (tmp_path / "old_export" / "model.safetensors").is_file()
+
+
+def test_a_conv_stem_checkpoint_older_than_the_full_resolution_convolution_still_captions(cli, tiny, synth_data,
+                                                                                          tmp_path):
+    """Conv-stem checkpoints from before model.stem_full_res_width existed have no full-resolution convolution."""
+    _, pngs, _ = synth_data
+    cli.ok(cli("train", *tiny, "model.stem_full_res_width=0", "train.max_steps=1", "run.output_dir=old", cwd=tmp_path))
+    checkpoint = tmp_path / "old" / "checkpoints" / "step_000001"
+    config = checkpoint / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if "stem_full_res_width" not in line))
+    write_manifest(checkpoint)  # as such a checkpoint was written: its manifest agrees with its config
+    result = cli.ok(cli("generate", "--checkpoint", "old", "--image", pngs / "00.png", cwd=tmp_path))
+    assert len(result.stdout.splitlines()) == 1

@@ -186,7 +186,7 @@ def test_num_params_is_the_sum_of_parameter_sizes():
 
 @pytest.mark.parametrize("change", [
     dict(n_embd=64), dict(n_layer=2), dict(num_blks=2), dict(image_embed_dim=64), dict(img_size=32),
-    dict(max_caption_len=20),
+    dict(max_caption_len=20), dict(stem_full_res_width=32),
 ])
 def test_flops_per_sample_grows_with_every_size(change):
     base = tiny_model().flops_per_sample()
@@ -195,11 +195,20 @@ def test_flops_per_sample_grows_with_every_size(change):
 
 
 @pytest.mark.parametrize("img_size, patch_size", [(16, 8), (24, 12), (28, 14), (32, 16), (9, 3)])
-@pytest.mark.parametrize("patch_embed", ["conv_stem", "patch"])
-def test_both_patch_embeddings_give_the_patch_grid(img_size, patch_size, patch_embed):
-    model = tiny_model(img_size=img_size, patch_size=patch_size, patch_embed=patch_embed)
+@pytest.mark.parametrize("patch_embed, stem_full_res_width", [("conv_stem", 16), ("conv_stem", 0), ("patch", 0)])
+def test_both_patch_embeddings_give_the_patch_grid(img_size, patch_size, patch_embed, stem_full_res_width):
+    model = tiny_model(img_size=img_size, patch_size=patch_size, patch_embed=patch_embed,
+                       stem_full_res_width=stem_full_res_width)
     grid = img_size // patch_size
     assert model.vit.patch_embed(torch.zeros(2, 3, img_size, img_size)).shape == (2, TINY.image_embed_dim, grid, grid)
+
+
+def test_the_stem_opens_with_a_convolution_at_full_resolution():
+    """Its output has the image's own side; without it the stem halves the image in its first convolution."""
+    images = torch.zeros(2, 3, 16, 16)
+    first = tiny_model(stem_full_res_width=12).vit.patch_embed.layers[:3]  # conv, BatchNorm, ReLU
+    assert first(images).shape == (2, 12, 16, 16)
+    assert tiny_model(stem_full_res_width=0).vit.patch_embed.layers[0](images).shape[-1] == 8
 
 
 def test_conv_flops_of_the_single_patch_conv():
@@ -281,7 +290,7 @@ def test_a_non_finite_batch_leaves_the_stem_batchnorm_statistics_alone():
 
 
 def test_settled_statistics_average_the_stem_batchnorm_inputs_of_the_images_at_the_current_weights():
-    model = tiny_model()  # conv stem: three BatchNorms
+    model = tiny_model()  # conv stem: four BatchNorms (full resolution, then three halvings)
     norms = [m for m in model.vit.patch_embed.modules() if isinstance(m, BatchNorm2d)]
     for norm in norms:  # statistics left behind by other weights
         norm.running_mean.fill_(5.0)
