@@ -5,8 +5,8 @@
 Trains the default model (built-in images, 64 px, captions of up to 48 characters, batch 32, fp32,
 engine-free) once per ``model.stem_full_res_width``, and once more at the default width with the stem
 fed plain NCHW images instead of channels-last ones; the models take turns in rounds so that machine
-noise hits all alike, and each prints one JSON line with its samples/s and its step time against the
-stem without that convolution (width 0), then a Markdown table for docs/design.md.
+noise hits all alike, and each prints one JSON line with its samples/s and their ratio to the stem's
+without that convolution (width 0), then a Markdown table for docs/design.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from bench.throughput import OurLoop, bench_data, time_in_turns
+from bench.throughput import OurLoop, bench_data, rates_table, time_in_turns
 from seemore_ds.config import Config, validate
 
 
@@ -45,14 +45,13 @@ def main() -> None:
     loops[f"{base_cfg.model.stem_full_res_width}, NCHW input"] = nchw
     elapsed = time_in_turns(loops, args.steps, args.rounds)
     samples = args.steps * args.rounds * base_cfg.train.batch_size
-    base = elapsed[str(widths[0])]
-    for width, seconds in elapsed.items():
-        print(json.dumps({"bench": "stem_cost", "stem": width, "samples_per_s": round(samples / seconds, 2),
-                          "step_time_ratio": round(seconds / base, 3)}))
-    print(f"\n| `model.stem_full_res_width` ({torch.get_num_threads()} threads) | samples/s | step time × width {widths[0]} |")
-    print("|---|---:|---:|")
-    for width, seconds in elapsed.items():
-        print(f"| {width} | {samples / seconds:.1f} | {seconds / base:.2f} |")
+    rates = {name: samples / seconds for name, seconds in elapsed.items()}
+    base = str(widths[0])
+    for name, rate in rates.items():
+        print(json.dumps({"bench": "stem_cost", "stem": name, "samples_per_s": round(rate, 2),
+                          "ratio_vs_width_" + base: round(rate / rates[base], 3)}))
+    print("\n" + rates_table(rates, f"`model.stem_full_res_width` ({torch.get_num_threads()} threads)", base,
+                             f"× width {base}"))
 
 
 if __name__ == "__main__":

@@ -132,6 +132,13 @@ def bench_data(n: int, img_size: int = SEEMORE_SIZES["img_size"],
     return CaptionData(images, captions, "bench"), CharTokenizer.from_captions(captions)
 
 
+def rates_table(rates: dict[str, float], first_column: str, base: str, ratio_column: str) -> str:
+    """Markdown: each loop's samples/s and its ratio to the samples/s of loop ``base``."""
+    lines = [f"| {first_column} | samples/s | {ratio_column} |", "|---|---:|---:|"]
+    lines += [f"| {name} | {rate:.1f} | {rate / rates[base]:.2f} |" for name, rate in rates.items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12, help="timed steps per loop per round")
@@ -158,10 +165,8 @@ def main() -> None:
     for name, rate in rates.items():
         print(json.dumps({"bench": "train_samples_per_s", "loop": name, "batch_size": args.batch_size,
                           "samples_per_s": round(rate, 2), "ratio_vs_straightforward": round(rate / base, 3)}))
-    print(f"\n| loop (batch {args.batch_size}, {torch.get_num_threads()} threads) | samples/s | × straightforward |")
-    print("|---|---:|---:|")
-    for name, rate in rates.items():
-        print(f"| {name} | {rate:.1f} | {rate / base:.2f} |")
+    print("\n" + rates_table(rates, f"loop (batch {args.batch_size}, {torch.get_num_threads()} threads)",
+                             "straightforward fp32", "× straightforward"))
 
 
 if __name__ == "__main__":
