@@ -41,6 +41,9 @@ class DataConfig:
     val_fraction: float = option(0.1, "held-out share, split deterministically from train.seed (unused with "
                                       "data.val_csv)")
     synth_n: int = option(3000, "size of the built-in dataset")
+    shift_px: int = option(0, "training images moved by up to this many pixels each way (at model.img_size), "
+                              "another way every epoch, edges repeated; for captions a few pixels' move cannot "
+                              "make untrue (docs/data.md); 0: none")
     max_image_pixels: int = option(64_000_000, "images declaring more pixels are refused as decompression bombs")
     decode_workers: int = option(0, "processes that decode the images; 0: one per core this process may use")
     cache: bool = option(True, "decode the images once per node into a uint8 file every rank memory-maps; false: "
@@ -189,7 +192,7 @@ POSITIVE_KEYS = (
 )
 NON_NEGATIVE_KEYS = (
     "train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "eval.every", "eval.max_batches",
-    "checkpoint.every", "checkpoint.keep_last", "data.decode_workers", "model.stem_full_res_width", "train.eps", "profile.flops_step",
+    "checkpoint.every", "checkpoint.keep_last", "data.decode_workers", "data.shift_px", "model.stem_full_res_width", "train.eps", "profile.flops_step",
     "profile.peak_tflops",
 )
 
@@ -353,6 +356,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.image_embed_dim % m.n_head:
         raise UserError(f"model.image_embed_dim ({m.image_embed_dim}) must be divisible by model.n_head ({m.n_head})")
+    if cfg.data.shift_px > m.img_size // 4:
+        raise UserError(f"data.shift_px ({cfg.data.shift_px}) moves images by more than a quarter of model.img_size "
+                        f"({m.img_size}); choose at most {m.img_size // 4}")
     for key, interval in FRACTION_KEYS.items():
         value = _value(cfg, key)
         if not (0 <= value < 1 or (interval == "[0, 1]" and value == 1)):

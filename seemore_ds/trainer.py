@@ -16,6 +16,7 @@ from seemore_ds import checkpoint as ckpt
 from seemore_ds.backends import build_backend
 from seemore_ds.config import Config, save_config
 from seemore_ds.data.csv_reader import summarize_bad_rows, write_bad_rows
+from seemore_ds.data.augment import ImageShifts
 from seemore_ds.data.dataset import BatchPrefetcher, CaptionData, ResumableSampler, TokenizedSplit, load_train_val
 from seemore_ds.data.tables import absolute_spec
 from seemore_ds.errors import UserError
@@ -182,7 +183,9 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train to ``train.max_steps``; each component decides for itself whether this step is one of its."""
-        batches = BatchPrefetcher(self.train_split, self.sampler, self.cfg.train.grad_accum)
+        shift_px = self.cfg.data.shift_px
+        shifts = ImageShifts(shift_px, self.cfg.train.seed, len(self.train_split)) if shift_px else None
+        batches = BatchPrefetcher(self.train_split, self.sampler, self.cfg.train.grad_accum, shifts)
         while self.step < self.cfg.train.max_steps:
             step = self.step + 1
             self.metrics.start_step(step)

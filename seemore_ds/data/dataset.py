@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from seemore_ds.config import Config
+from seemore_ds.data.augment import ImageShifts
 from seemore_ds.data.csv_reader import check_usable
 from seemore_ds.data.decoding import BadRow, DecodeResult, DecodeSettings, decode_tables, default_workers
 from seemore_ds.data.image_cache import cache_key, load_or_decode, map_images
@@ -202,26 +203,38 @@ class BatchPrefetcher:
     gathered on the spot.
     """
 
-    def __init__(self, split: TokenizedSplit, sampler: "ResumableSampler", micro_batches: int):
-        self.split, self.sampler, self.micro_batches = split, sampler, micro_batches
+    def __init__(self, split: TokenizedSplit, sampler: "ResumableSampler", micro_batches: int,
+                 shifts: ImageShifts | None = None):
+        self.split, self.sampler, self.micro_batches, self.shifts = split, sampler, micro_batches, shifts
         self._ahead = copy.deepcopy(sampler)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="seemore-ds-prefetch")
         self._next = self._prefetch()
 
-    def _prefetch(self) -> tuple[list[torch.Tensor], Future]:
-        indices = [self._ahead.next_indices() for _ in range(self.micro_batches)]
-        return indices, self._thread.submit(lambda: [self.split.batch(i) for i in indices])
+    @staticmethod
+    def _draw(sampler: "ResumableSampler") -> tuple[torch.Tensor, int]:
+        indices = sampler.next_indices()
+        return indices, sampler.epoch  # the epoch these indices belong to, read after the draw that may start it
+
+    def _gather(self, indices: torch.Tensor, epoch: int) -> Batch:
+        batch = self.split.batch(indices)
+        if self.shifts is not None:
+            batch.images = self.shifts(batch.images, indices, epoch)
+        return batch
+
+    def _prefetch(self) -> tuple[list[tuple[torch.Tensor, int]], Future]:
+        draws = [self._draw(self._ahead) for _ in range(self.micro_batches)]
+        return draws, self._thread.submit(lambda: [self._gather(*draw) for draw in draws])
 
     def next_step(self) -> list[Batch]:
         """The micro-batches of the sampler's next step."""
-        indices = [self.sampler.next_indices() for _ in range(self.micro_batches)]
+        draws = [self._draw(self.sampler) for _ in range(self.micro_batches)]
         expected, gathered = self._next
-        if all(torch.equal(a, b) for a, b in zip(indices, expected)):
+        if all(torch.equal(a, b) and epoch == expected_epoch for (a, epoch), (b, expected_epoch) in zip(draws, expected)):
             batches = gathered.result()
         else:  # the sampler was moved by someone else (a state loaded): follow it again
             gathered.cancel()
             self._ahead = copy.deepcopy(self.sampler)
-            batches = [self.split.batch(i) for i in indices]
+            batches = [self._gather(*draw) for draw in draws]
         self._next = self._prefetch()
         return batches
 
