@@ -115,6 +115,13 @@ class BatchNorm2d(nn.BatchNorm2d):
         return out.to(dtype)
 
 
+def conv_stem_widths(patch_size: int, dim: int) -> list[int]:
+    """Channels after each of ConvStem's stride-2 convolutions, one per time 2 divides the patch size:
+    doubling towards ``dim``, at least 16."""
+    halvings = (patch_size & -patch_size).bit_length() - 1
+    return [max(dim >> (halvings - 1 - i), 16) for i in range(halvings)]
+
+
 class ConvStem(nn.Module):
     """Patch embedding by a stack of 3x3 stride-2 convolutions (Xiao et al., 2021, "Early convolutions
     help transformers see better"), then one conv for whatever odd factor of the patch size remains.
@@ -126,15 +133,14 @@ class ConvStem(nn.Module):
 
     def __init__(self, patch_size: int, dim: int, full_res_width: int = 0):
         super().__init__()
-        halvings = (patch_size & -patch_size).bit_length() - 1  # times the patch size divides by 2
-        rest = patch_size >> halvings
+        widths = conv_stem_widths(patch_size, dim)
+        rest = patch_size >> len(widths)
         layers, channels = [], 3
         if full_res_width:
             layers += [nn.Conv2d(channels, full_res_width, kernel_size=3, stride=1, padding=1, bias=False),
                        BatchNorm2d(full_res_width), nn.ReLU()]
             channels = full_res_width
-        for i in range(halvings):
-            width = max(dim >> (halvings - 1 - i), 16)
+        for width in widths:
             # BatchNorm: without it this stem learns shapes no faster than the single patch conv (docs/design.md).
             layers += [nn.Conv2d(channels, width, kernel_size=3, stride=2, padding=1, bias=False),
                        BatchNorm2d(width), nn.ReLU()]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from seemore_ds.config import Config, ModelConfig
 from seemore_ds.errors import UserError
+from seemore_ds.model import conv_stem_widths
 
 GIB = 2**30
 HEADROOM = 0.85  # share of a device's memory a plan may fill: context, fragmentation, temporaries
@@ -119,12 +120,10 @@ def activation_bytes(m: ModelConfig, vocab: int, micro_batch: int, precision: st
 
     stem = 3 * m.img_size**2 * b  # the normalised image, input of the first convolution
     if m.patch_embed == "conv_stem":
-        halvings = (m.patch_size & -m.patch_size).bit_length() - 1
         side = m.img_size
         stem += 2 * m.stem_full_res_width * side * side * b  # the stride-1 convolution's, at full resolution
-        for i in range(halvings):
+        for width in conv_stem_widths(m.patch_size, d):
             side = (side + 1) // 2
-            width = max(d >> (halvings - 1 - i), 16)
             stem += 2 * width * side * side * b  # BatchNorm's input and ReLU's output (the next conv's input)
     vit = stem + patches * d * b + vit_tokens * 2 * 4  # patch LayerNorm input and statistics
     vit += (m.num_blks - 1) * block(vit_tokens, d) + block(vit_tokens, d, vit_out)
