@@ -31,7 +31,7 @@ from seemore_ds.precision import cpu_facts
 THRESHOLDS = (0.9, 0.95)
 # seemore's notebook: one patch conv, the CLS vector as the only image token, no LayerNorm on the
 # patches, its widths and depths, dropout 0.1, batch 16, constant lr 1e-3 with AdamW's own defaults,
-# no clipping; it trains until the budget ends it.
+# no clipping, images as they are; it trains until the budget ends it.
 RECIPES = {
     "defaults": [],
     # The defaults handing the decoder the CLS token and the patch grid averaged 2 x 2 (fewer, cheaper tokens).
@@ -39,7 +39,7 @@ RECIPES = {
     "seemore": ["model.image_tokens=cls", "model.patch_embed=patch", "model.patch_norm=false",
                 "model.image_embed_dim=512", "model.n_layer=8", "model.dropout=0.1", "train.batch_size=16",
                 "train.lr=0.001", "train.warmup_steps=0", "train.min_lr_ratio=1.0", "train.weight_decay=0.01",
-                "train.beta2=0.999", "train.grad_clip=0", "train.max_steps=1000000"],
+                "train.beta2=0.999", "train.grad_clip=0", "data.shift_px=0", "train.max_steps=1000000"],
 }
 
 

@@ -41,7 +41,7 @@ class DataConfig:
     val_fraction: float = option(0.1, "held-out share, split deterministically from train.seed (unused with "
                                       "data.val_csv)")
     synth_n: int = option(3000, "size of the built-in dataset")
-    shift_px: int = option(0, "training images moved by up to this many pixels each way (at model.img_size), "
+    shift_px: int = option(3, "training images moved by up to this many pixels each way (at model.img_size), "
                               "another way every epoch, edges repeated; for captions a few pixels' move cannot "
                               "make untrue (docs/data.md); 0: none")
     max_image_pixels: int = option(64_000_000, "images declaring more pixels are refused as decompression bombs")
@@ -192,8 +192,8 @@ POSITIVE_KEYS = (
 )
 NON_NEGATIVE_KEYS = (
     "train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "eval.every", "eval.max_batches",
-    "checkpoint.every", "checkpoint.keep_last", "data.decode_workers", "data.shift_px", "model.stem_full_res_width", "train.eps", "profile.flops_step",
-    "profile.peak_tflops",
+    "checkpoint.every", "checkpoint.keep_last", "data.decode_workers", "data.shift_px", "model.stem_full_res_width",
+    "train.eps", "profile.flops_step", "profile.peak_tflops",
 )
 
 FRACTION_KEYS = {"model.dropout": "[0, 1)", "data.val_fraction": "[0, 1)", "train.min_lr_ratio": "[0, 1]",
@@ -356,9 +356,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.image_embed_dim % m.n_head:
         raise UserError(f"model.image_embed_dim ({m.image_embed_dim}) must be divisible by model.n_head ({m.n_head})")
-    if cfg.data.shift_px > m.img_size // 4:
-        raise UserError(f"data.shift_px ({cfg.data.shift_px}) moves images by more than a quarter of model.img_size "
-                        f"({m.img_size}); choose at most {m.img_size // 4}")
+    if 2 * cfg.data.shift_px >= m.img_size:
+        raise UserError(f"data.shift_px ({cfg.data.shift_px}) would move images by half of model.img_size "
+                        f"({m.img_size}) or more; choose at most {(m.img_size - 1) // 2} (0: no move)")
     for key, interval in FRACTION_KEYS.items():
         value = _value(cfg, key)
         if not (0 <= value < 1 or (interval == "[0, 1]" and value == 1)):

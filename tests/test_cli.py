@@ -225,14 +225,15 @@ def test_a_latest_pointer_naming_a_missing_checkpoint_is_one_line(cli, tiny_run,
 
 @pytest.fixture(scope="module")
 def memorised(cli, tiny, synth_data, tmp_path_factory):
-    """The tiny model trained 400 steps on synth.csv's 20 images, held out too: it learns every caption
-    by heart (exact match 1.000; 200 steps left one or two rows wrong on one thread, with the stem's
+    """The tiny model trained 400 steps on synth.csv's 20 images, held out too, never moved: it learns every
+    caption by heart (exact match 1.000; 200 steps left one or two rows wrong on one thread, with the stem's
     full-resolution convolution). Returns (run folder, the PNGs, synth.csv's captions in row order)."""
     csv_path, pngs, _ = synth_data
     work = tmp_path_factory.mktemp("memorised")
-    result = cli.ok(cli("train", *tiny, f"data.csv={csv_path}", f"data.val_csv={csv_path}", "train.batch_size=20",
-                        "train.max_steps=400", "train.lr=0.01", "train.warmup_steps=10", "train.precision=fp32",
-                        "log.every=50", "eval.every=0", "checkpoint.every=0", "run.output_dir=run", cwd=work))
+    result = cli.ok(cli("train", *tiny, f"data.csv={csv_path}", f"data.val_csv={csv_path}", "data.shift_px=0",
+                        "train.batch_size=20", "train.max_steps=400", "train.lr=0.01", "train.warmup_steps=10",
+                        "train.precision=fp32", "log.every=50", "eval.every=0", "checkpoint.every=0",
+                        "run.output_dir=run", cwd=work))
     assert "caption exact match 1.000 on 20 held-out rows" in result.stdout
     return work / "run", pngs, [row["caption"] for row in read_rows(csv_path)]
 
