@@ -1,5 +1,5 @@
 """data.shift_px: what a moved image holds, which move each row gets, and a run that moves its images
-resuming to the losses of one that never stopped."""
+resuming to the losses of one that never stopped (the prefetcher's moves: tests/test_data_scale.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import torch.nn.functional as F
 
 from seemore_ds.config import load_config
 from seemore_ds.data.augment import ImageShifts
-from seemore_ds.data.dataset import BatchPrefetcher, CaptionData, ResumableSampler, TokenizedSplit
 from seemore_ds.errors import UserError
-from seemore_ds.tokenizer import CharTokenizer
 from seemore_ds.trainer import train
 from tests.conftest import TINY, read_csv_rows
 
@@ -51,23 +49,6 @@ def test_moves_span_every_offset_up_to_the_limit_and_follow_seed_epoch_and_row_a
     alone = shifts(images[1:2], torch.tensor([42]), epoch=0)
     among_others = shifts(images, torch.tensor([7, 42, 900]), epoch=0)
     assert torch.equal(alone[0], among_others[1])  # a row's move does not depend on its batch
-
-
-def test_prefetched_batches_move_as_the_epoch_of_their_rows_says_also_after_a_state_is_loaded():
-    n = 10
-    captions = [f"caption {i}" for i in range(n)]
-    split = TokenizedSplit(CaptionData(random_images(n), captions, "test"), CharTokenizer.from_captions(captions), 12)
-    shifts = ImageShifts(2, seed=0, n_rows=n)
-    prefetched, plain = ResumableSampler(n, 3, seed=0), ResumableSampler(n, 3, seed=0)
-    batches = BatchPrefetcher(split, prefetched, micro_batches=2, shifts=shifts)
-    for step in range(8):  # over several epochs of 3 batches
-        if step == 5:  # the sampler moved by someone else, as a loaded state would
-            for sampler in (prefetched, plain):
-                sampler.load_state_dict({"epoch": 7, "samples_seen_in_epoch": 3})
-        got = batches.next_step()
-        for batch in got:
-            rows = plain.next_indices()
-            assert torch.equal(batch.images, shifts(split.batch(rows).images, rows, plain.epoch)), step
 
 
 def test_a_move_of_half_the_image_is_refused_in_one_line():

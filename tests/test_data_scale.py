@@ -23,6 +23,7 @@ from PIL import Image
 
 from seemore_ds.config import load_config
 from seemore_ds.data import image_cache
+from seemore_ds.data.augment import ImageShifts
 from seemore_ds.data.csv_reader import read_caption_csv, write_bad_rows
 from seemore_ds.data.dataset import (BatchPrefetcher, CaptionData, ResumableSampler, TokenizedSplit, load_caption_data,
                                      load_train_val, tokenize_captions)
@@ -322,20 +323,28 @@ def test_a_warm_load_maps_the_cache_without_reading_the_tables(tmp_path, monkeyp
 
 # --- prefetching -----------------------------------------------------------------------------------
 
-def test_prefetched_batches_are_the_samplers_own_and_its_state_is_unchanged():
+@pytest.mark.parametrize("max_shift", [0, 2], ids=["still", "moved"])
+def test_prefetched_batches_are_the_samplers_own_and_its_state_is_unchanged(max_shift):
     n = 10
-    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+    images = torch.randint(0, 256, (n, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     captions = [f"caption {i}" for i in range(n)]
     split = TokenizedSplit(CaptionData(images, captions, "test"), CharTokenizer.from_captions(captions), 12)
+    shifts = ImageShifts(max_shift, seed=0, n_rows=n) if max_shift else None
     prefetched, plain = ResumableSampler(n, 3, seed=0), ResumableSampler(n, 3, seed=0)
-    batches = BatchPrefetcher(split, prefetched, micro_batches=2)
+    batches = BatchPrefetcher(split, prefetched, micro_batches=2, shifts=shifts)
     for step in range(8):  # over several epochs of 3 batches
         if step == 5:  # the sampler moved by someone else, as a loaded state would
             for sampler in (prefetched, plain):
                 sampler.load_state_dict({"epoch": 7, "samples_seen_in_epoch": 3})
         got = batches.next_step()
-        wanted = [split.batch(plain.next_indices()) for _ in range(2)]
-        assert [b.images[:, 0, 0, 0].tolist() for b in got] == [b.images[:, 0, 0, 0].tolist() for b in wanted], step
+        wanted = []
+        for _ in range(2):
+            rows = plain.next_indices()
+            batch = split.batch(rows)
+            if shifts:  # each row moved as the epoch it was drawn in says
+                batch.images = shifts(batch.images, rows, plain.epoch)
+            wanted.append(batch)
+        assert all(torch.equal(g.images, w.images) for g, w in zip(got, wanted)), step
         assert all(torch.equal(g.input_ids, w.input_ids) for g, w in zip(got, wanted))
         assert prefetched.state_dict() == plain.state_dict()
 

@@ -229,7 +229,7 @@ class BatchPrefetcher:
         """The micro-batches of the sampler's next step."""
         draws = [self._draw(self.sampler) for _ in range(self.micro_batches)]
         expected, gathered = self._next
-        if all(torch.equal(a, b) and epoch == expected_epoch for (a, epoch), (b, expected_epoch) in zip(draws, expected)):
+        if all(torch.equal(a, b) and epoch == ahead_epoch for (a, epoch), (b, ahead_epoch) in zip(draws, expected)):
             batches = gathered.result()
         else:  # the sampler was moved by someone else (a state loaded): follow it again
             gathered.cancel()
