@@ -69,15 +69,24 @@ def relations(rng: random.Random) -> Example:
 GLYPHS = "0123456789ABCDEFGHJKLMNPRSTUVWXYZ"
 
 
+def glyph_text_and_origin(rng: random.Random, draw: ImageDraw.ImageDraw, font, side: int) -> tuple[str, tuple[int, int]]:
+    """Two to four characters, and where to draw them so that all of their pixels land on a side x side
+    canvas. The origin is in whole pixels: from a fractional one Pillow drops the text's top row of
+    pixels, and a 7 then reads as a /. Text too wide for the canvas (about one in a hundred) is drawn anew."""
+    while True:
+        text = "".join(rng.choice(GLYPHS) for _ in range(rng.randint(2, 4)))
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        if right - left <= side and bottom - top <= side:
+            return text, (rng.randint(0, side - (right - left)) - left, rng.randint(0, side - (bottom - top)) - top)
+
+
 def glyphs(rng: random.Random) -> Example:
-    text = "".join(rng.choice(GLYPHS) for _ in range(rng.randint(2, 4)))
     ink = rng.randint(0, 90)
-    # Drawn small in PIL's built-in bitmap font, then scaled up: readable at 64 px, no font files needed.
+    # Drawn small in PIL's built-in font, then scaled up: readable at 64 px, no font files needed.
     small, font = Image.new("RGB", (SIDE // 2, SIDE // 2), (rng.randint(190, 255),) * 3), ImageFont.load_default(size=11)
     draw = ImageDraw.Draw(small)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    x, y = rng.uniform(0, SIDE // 2 - right) - left, rng.uniform(0, SIDE // 2 - bottom) - top  # all of it inside
-    draw.text((x, y), text, fill=(ink, ink, ink), font=font)
+    text, origin = glyph_text_and_origin(rng, draw, font, SIDE // 2)
+    draw.text(origin, text, fill=(ink, ink, ink), font=font)
     return small.resize((SIDE, SIDE), Image.NEAREST), f"it reads {' '.join(text)}"
 
 

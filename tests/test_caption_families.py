@@ -45,3 +45,23 @@ def test_relations_caption_is_read_from_the_pixels():
         relation = ("left of" if dx < 0 else "right of") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
         words = caption.split()
         assert (words[1], words[4], words[-2]) == (first, relation.split()[0], second), caption
+
+
+def test_glyphs_draw_every_pixel_of_their_text():
+    """A glyphs caption names every character, so every pixel of them must be on the image: a 7 that
+    loses its top bar reads as a /. Each text drawn where the family draws it has the ink it has on a
+    canvas with room to spare."""
+    import random
+
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from bench.caption_families import glyph_text_and_origin
+
+    rng, font, side, margin = random.Random(0), ImageFont.load_default(size=11), 32, 16
+    for _ in range(500):
+        canvas, roomy = Image.new("L", (side, side), 255), Image.new("L", (side + 2 * margin,) * 2, 255)
+        text, (x, y) = glyph_text_and_origin(rng, ImageDraw.Draw(canvas), font, side)
+        ImageDraw.Draw(canvas).text((x, y), text, fill=0, font=font)
+        ImageDraw.Draw(roomy).text((x + margin, y + margin), text, fill=0, font=font)
+        assert (255 - np.asarray(canvas, dtype=int)).sum() == (255 - np.asarray(roomy, dtype=int)).sum(), text
