@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bench.step_profile import KINDS, step_breakdown
 from bench.throughput import SEEMORE_SIZES, OurLoop, StraightforwardLoop, bench_data, seemore_config, time_in_turns
 from seemore_ds.metrics.csv_log import TIMING_FILE
 from seemore_ds.profiling.peak import peak_tflops
@@ -75,21 +76,26 @@ def throughput_part(batch_size: int, steps: int, rounds: int, precisions: list[s
 
 
 def mfu_part(batch_size: int, steps: int, rounds: int, precisions: list[str], device: str) -> tuple[list[dict], str]:
-    """MFU of the ≈90M-parameter config (the default sizes' MFU is in the throughput part)."""
+    """MFU of the ≈90M-parameter config (the default sizes' MFU is in the throughput part), and where a
+    profiled step of each precision spends its time (``bench.step_profile``)."""
     data, tokenizer = bench_data(max(64, batch_size * 4))
     loops = {precision: OurLoop(seemore_config(batch_size, precision, "cls", device=device, **NINETY_M_SIZES), data, tokenizer)
              for precision in precisions}
     elapsed = time_in_turns(loops, steps, rounds)
     rows, table = [], [f"| config (batch {batch_size}) | precision | params | samples/s | GFLOP/sample | peak TFLOP/s | MFU |",
                        "|---|---|---:|---:|---:|---:|---:|"]
+    shares = ["| precision | " + " | ".join(KINDS) + " |", "|---|" + "---:|" * len(KINDS)]
     for precision, loop in loops.items():
         rate = steps * rounds * batch_size / elapsed[precision]
+        breakdown = step_breakdown(loop.step)
         row = {"bench": "mfu", "config": "90M", "precision": precision, "batch_size": batch_size,
-               "params": loop.backend.module.num_params(), "samples_per_s": round(rate, 3), **utilisation(loop, rate, precision)}
+               "params": loop.backend.module.num_params(), "samples_per_s": round(rate, 3), **utilisation(loop, rate, precision),
+               "step_time_shares": {kind: round(share, 3) for kind, share in breakdown.items()}}
         rows.append(row)
         table.append(f"| ≈90M (768/768, 6/6 blocks, 12 heads, patch 8) | {precision} | {row['params'] / 1e6:.1f}M | "
                      f"{rate:.2f} | {row['gflop_per_sample']:.1f} | {row['peak_tflops']:.3f} | {100 * row['mfu']:.0f} % |")
-    return rows, "\n".join(table)
+        shares.append(f"| {precision} | " + " | ".join(f"{100 * breakdown[kind]:.0f} %" for kind in KINDS) + " |")
+    return rows, "\n".join(table) + "\n\nWhere a profiled step's CPU time goes:\n\n" + "\n".join(shares)
 
 
 def data_part(batch_size: int, steps: int, device: str) -> tuple[list[dict], str]:
