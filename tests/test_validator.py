@@ -1,5 +1,5 @@
-"""The advice a run leaves when its held-out exact match ended low and still climbing: when it is given, and
-that a real run prints it."""
+"""The advice a run leaves when its held-out exact match ended low and still climbing, or near zero: when it is
+given, and that a real run prints it."""
 
 from __future__ import annotations
 
@@ -27,12 +27,24 @@ def test_a_run_that_ends_low_and_climbing_is_told_to_train_longer():
 
 def test_no_advice_for_a_run_that_learned_stalled_or_did_not_reach_its_end():
     assert advice([(800, 0.9), (1000, 0.95)]) is None  # learned: 0.95 is enough
-    assert advice([(800, 0.003), (1000, 0.01)]) is None  # flat: a gain within the wobble between evaluations
+    assert advice([(800, 0.31), (1000, 0.32)]) is None  # flat: a gain within the wobble between evaluations
+    assert advice([(800, 0.03), (1000, 0.05)]) is None  # flat, and no longer near zero
     assert advice([(600, 0.5), (800, 0.78), (900, 0.70), (1000, 0.80)]) is None  # compared with step 800, not 600
     assert advice([(1000, 0.5)]) is None  # eval.every=0: nothing to compare with
     assert advice([(900, 0.1), (1000, 0.5)]) is None  # nothing evaluated at or before step 800
     assert advice([(200, 0.2), (400, 0.5)]) is None  # stopped at step 400 of 1000 by a signal
     assert advice([]) is None
+
+
+def test_a_run_that_ends_near_zero_is_told_that_some_data_needs_many_times_the_steps():
+    # glyphs with the defaults, seed 1337 (docs/time_to_quality.md)
+    said = advice([(200, 0.0), (400, 0.0), (600, 0.0), (800, 0.003), (1000, 0.007)])
+    assert said == ("held-out exact match ended at 0.007: the model captions almost no held-out image right yet; some "
+                    "captions take many times the steps (text read off the image: about 6,000), so if these captions "
+                    "can be told from the images, try a longer run, e.g. train.max_steps=8000 "
+                    "(docs/time_to_quality.md)")
+    assert "train.max_steps=400" in advice([(50, 0.0)], max_steps=50)  # eval.every=0: the final figure is enough
+    assert "still climbing (0.000 at step 800, 0.040 at step 1000)" in advice([(800, 0.0), (1000, 0.04)])
 
 
 def test_the_trainer_prints_the_advice_after_the_run(tmp_path, monkeypatch, capsys, one_torch_thread):
