@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,6 +340,10 @@ def validate(cfg: Config) -> None:
         value = _value(cfg, key)
         if value not in allowed:
             raise UserError(f"config key {key} must be one of {', '.join(allowed)}, got {value!r}")
+    for key, expected in all_keys(cfg).items():
+        # NaN passes every bound below (each comparison is false) and inf passes "zero or more"; neither trains.
+        if expected is float and not math.isfinite(_value(cfg, key)):
+            raise UserError(f"config key {key} must be a finite number, got {_value(cfg, key)}")
     for key in POSITIVE_KEYS:
         if _value(cfg, key) <= 0:
             raise UserError(f"config key {key} must be positive, got {_value(cfg, key)}")

@@ -65,6 +65,11 @@ def test_wrong_type_names_the_key_and_what_it_expects(override, expects):
     ("train.lr=-1", "config key train.lr must be zero or more, got -1.0"),
     ("data.val_fraction=1", "data.val_fraction must be in [0, 1), got 1.0"),
     ("run.output_dir=", "run.output_dir must name a folder"),
+    ("train.lr=nan", "config key train.lr must be a finite number, got nan"),
+    ("train.eps=nan", "config key train.eps must be a finite number, got nan"),
+    ("train.lr=inf", "config key train.lr must be a finite number, got inf"),
+    ("train.grad_clip=nan", "config key train.grad_clip must be a finite number, got nan"),
+    ("profile.peak_tflops=-inf", "config key profile.peak_tflops must be a finite number, got -inf"),
 ])
 def test_bad_values_are_refused(override, says):
     assert says in config_error(overrides=[override])
@@ -105,6 +110,12 @@ def test_a_bad_yaml_file_is_one_line_naming_the_file(tmp_path, text, says):
     assert str(path) in message and says in message
 
 
+def test_yaml_infinity_is_refused_like_an_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: .inf\n", encoding="utf-8")
+    assert config_error(str(path)) == "config key train.lr must be a finite number, got inf"
+
+
 def test_a_missing_yaml_file_is_a_user_error(tmp_path):
     assert "does not exist" in config_error(str(tmp_path / "nope.yaml"))
 
@@ -131,6 +142,7 @@ def test_the_run_folder_holds_the_resolved_config_and_it_reloads(tiny_run):
     (["train.max_step=5"], "error: unknown config key 'train.max_step'; did you mean train.max_steps?"),
     (["train.max_steps=lots"], "error: config key train.max_steps expects an integer, got 'lots'"),
     (["model.n_embd=30", "model.n_head=4"], "error: model.n_embd (30) must be divisible by model.n_head (4)"),
+    (["train.lr=nan"], "error: config key train.lr must be a finite number, got nan"),
 ])
 def test_cli_config_mistakes_are_one_line_with_exit_2(cli, tmp_path, args, says):
     result = cli("train", *args, "run.output_dir=runs/x", cwd=tmp_path)
