@@ -291,16 +291,43 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of an existing file the user named, or a one-line UserError for a folder or other bytes."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; name a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping, where PyYAML keeps the last one silently."""
+
+    def construct_mapping(self, node, deep=False):
+        first_lines = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # merge keys may repeat, and other keys are unhashable, which the parent refuses
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in first_lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first at line {first_lines[key]}); keep one", key_node.start_mark)
+            first_lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then ``key=value`` overrides; validated. Records the keys they set."""
     cfg = Config()
     explicit = set()
     if path:
         file = Path(path)
-        if not file.is_file():
+        if not file.exists():
             raise UserError(f"config file {path} does not exist")
+        text = read_text_file(file, "config file")
         try:
-            tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

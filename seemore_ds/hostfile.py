@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from seemore_ds.config import read_text_file
 from seemore_ds.errors import UserError
 
 # DeepSpeed's own pattern, matched at the start of the stripped line.
@@ -24,12 +25,12 @@ SEPARATORS = ",:@"
 def read_hostfile(path: str | Path) -> dict[str, int]:
     """{host: slots} in file order, the order in which the launcher numbers nodes and ranks."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"hostfile {path} does not exist (deepspeed would silently train on this machine alone); "
                         f"write one line per node such as 'node-1 slots=8'")
     hosts: dict[str, int] = {}
     first_line: dict[str, int] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(read_text_file(path, "hostfile").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

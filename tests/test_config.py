@@ -102,6 +102,8 @@ def test_a_section_with_every_key_commented_out_is_allowed(tmp_path):
     ("max_steps: 3\n", "'max_steps' must sit inside a section"),
     ("train:\n  max_step: 3\n", "unknown config key 'train.max_step'; did you mean train.max_steps?"),
     ("train:\n  max_steps: many\n", "config key train.max_steps expects an integer"),
+    ("train:\n  max_steps: 3\ntrain:\n  batch_size: 8\n", "at line 3: 'train' is given twice (first at line 1)"),
+    ("train:\n  max_steps: 3\n  lr: 0.1\n  max_steps: 4\n", "at line 4: 'max_steps' is given twice (first at line 2)"),
 ])
 def test_a_bad_yaml_file_is_one_line_naming_the_file(tmp_path, text, says):
     path = tmp_path / "bad.yaml"
@@ -118,6 +120,12 @@ def test_yaml_infinity_is_refused_like_an_override(tmp_path):
 
 def test_a_missing_yaml_file_is_a_user_error(tmp_path):
     assert "does not exist" in config_error(str(tmp_path / "nope.yaml"))
+
+
+def test_a_folder_or_non_utf8_bytes_as_yaml_file_is_a_user_error(tmp_path):
+    assert config_error(str(tmp_path)) == f"config file {tmp_path} is a folder; name a file"
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe bad")
+    assert "binary.yaml is not UTF-8 text" in config_error(str(tmp_path / "binary.yaml"))
 
 
 def test_save_and_reload_round_trip(tmp_path):
@@ -154,6 +162,12 @@ def test_cli_invalid_yaml_is_one_line_with_exit_2(cli, tmp_path):
     (tmp_path / "run.yaml").write_text("train:\n  max_steps: [1, 2\nmodel: {\n", encoding="utf-8")
     result = cli("train", "--config", "run.yaml", cwd=tmp_path)
     cli.user_error(result, "run.yaml is not valid YAML at line")
+
+
+def test_cli_non_utf8_yaml_is_one_line_with_exit_2(cli, tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe bad")
+    for command in ("train", "plan"):
+        cli.user_error(cli(command, "--config", "binary.yaml", cwd=tmp_path), "binary.yaml is not UTF-8 text")
 
 
 def test_cli_overrides_may_follow_options(cli, tmp_path):

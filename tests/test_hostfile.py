@@ -71,3 +71,10 @@ def test_cli_checks_the_shipped_example_and_refuses_a_missing_file(cli, tmp_path
                    "silently train on this machine alone")
     write(tmp_path, "a slots=1\na slots=1\n")
     cli.user_error(cli("hostfile", "check", "hostfile", cwd=tmp_path), "hostfile hostfile, line 2: a is already listed")
+
+
+def test_a_folder_or_non_utf8_bytes_as_hostfile_is_one_line(cli, tmp_path):
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\n")
+    cli.user_error(cli("hostfile", "check", "binary", cwd=tmp_path), "hostfile binary is not UTF-8 text")
+    with pytest.raises(UserError, match="is a folder; name a file"):
+        read_hostfile(tmp_path)
