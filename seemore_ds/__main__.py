@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from seemore_ds.config_reference import markdown_reference, train_help_epilog, yaml_defaults
 from seemore_ds.errors import UserError
 from seemore_ds.preemption import Preempted
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as every other bad input is: one ``error:`` line, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -19,8 +27,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    value = _finite_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
+def _non_negative_number(text: str) -> float:
+    value = _finite_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m seemore_ds", description="Train and use the Seemore vision-language model.")
+    parser = OneLineErrorParser(prog="python -m seemore_ds", description="Train and use the Seemore vision-language model.")
     # The deepspeed launcher passes --local_rank=N before the command; accept it there too.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.precision=bf16")
     plan.add_argument("--nodes", type=_positive_int, default=1)
     plan.add_argument("--gpus-per-node", type=_positive_int, default=1)
-    plan.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory of one GPU (default 80)")
-    plan.add_argument("--cpu-mem", type=float, default=None, metavar="GIB", help="host memory per node (default: this machine's)")
+    plan.add_argument("--gpu-mem", type=_positive_number, default=80.0, metavar="GIB", help="memory of one GPU (default 80)")
+    plan.add_argument("--cpu-mem", type=_positive_number, default=None, metavar="GIB", help="host memory per node (default: this machine's)")
     plan.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="cpu: plan CPU ranks on this machine")
     plan.add_argument("--ranks", type=_positive_int, default=None, help="CPU ranks (with --device cpu)")
     plan.add_argument("--global-batch", type=_positive_int, default=None,
@@ -50,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="caption images with a trained model")
     generate.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or export folder")
     generate.add_argument("--image", required=True, nargs="+", help="image file(s) in any format PIL reads")
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    generate.add_argument("--temperature", type=_non_negative_number, default=0.0, help="0 (default) is greedy")
     generate.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely characters")
     generate.add_argument("--max-new-tokens", type=_positive_int, default=None)
     generate.add_argument("--seed", type=int, default=0, help="seed for sampling")

@@ -276,6 +276,16 @@ def test_generate_with_a_missing_image_is_one_line(cli, tiny_run):
     cli.user_error(result, "cannot read image nope.png")
 
 
+@pytest.mark.parametrize("flag, says", [
+    (["--temperature", "nan"], "argument --temperature: expected a finite number, got nan"),
+    (["--temperature", "-1"], "argument --temperature: expected a number of 0 or more, got -1"),
+    (["--top-k", "0"], "argument --top-k: expected a positive integer, got 0"),
+])
+def test_generate_refuses_a_temperature_or_top_k_it_cannot_sample_with(cli, tmp_path, flag, says):
+    cli.user_error(cli("generate", "--checkpoint", "run", "--image", "a.png", *flag, cwd=tmp_path), says,
+                   "generate --help")
+
+
 def test_eval_on_the_held_out_split(cli, tiny_run):
     result = cli.ok(cli("eval", "--checkpoint", "runs/tiny", "--json", cwd=tiny_run.work_dir))
     lines = result.stdout.strip().splitlines()

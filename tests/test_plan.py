@@ -70,6 +70,16 @@ def test_plan_cli_refuses_a_batch_the_ranks_cannot_split(cli, tmp_path):
     cli.user_error(result, "global batch (8) must be a multiple of the 3 rank(s)", "--global-batch 6")
 
 
+@pytest.mark.parametrize("flag, says", [
+    (["--gpu-mem", "0"], "argument --gpu-mem: expected a number above 0, got 0"),
+    (["--gpu-mem", "-5"], "argument --gpu-mem: expected a number above 0, got -5"),
+    (["--gpu-mem", "nan"], "argument --gpu-mem: expected a finite number, got nan"),
+    (["--cpu-mem", "inf"], "argument --cpu-mem: expected a finite number, got inf"),
+])
+def test_plan_cli_refuses_memory_that_is_not_a_positive_number(cli, tmp_path, flag, says):
+    cli.user_error(cli("plan", *flag, cwd=tmp_path), says)
+
+
 def test_prediction_matches_deepspeed_at_two_ranks():
     """Predicted vs measured bytes per rank, stages 0-3, a 1.5M model on 2 CPU ranks (one launch)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
