@@ -51,6 +51,35 @@ def _non_negative_number(text: str) -> float:
     return value
 
 
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The existing file, if any, at ``folder`` or above it: where a folder would have to be made."""
+    for part in (folder, *folder.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
+
+
+# Output paths are checked when the arguments are parsed, so that a path that cannot be written stops the
+# command before its work (a plan, a dataset) rather than after; missing folders are made when writing.
+def _output_file(text: str) -> str:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name a file, e.g. {path / 'NAME'}")
+    blocker = _file_in_the_way(path.parent)
+    if blocker:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {blocker} is a file, not a folder")
+    return text
+
+
+def _output_folder(text: str) -> str:
+    blocker = _file_in_the_way(Path(text))
+    if blocker == Path(text):
+        raise argparse.ArgumentTypeError(f"{text} is a file; name a folder")
+    if blocker:
+        raise argparse.ArgumentTypeError(f"cannot make folder {text}: {blocker} is a file, not a folder")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python -m seemore_ds", description="Train and use the Seemore vision-language model.")
     # The deepspeed launcher passes --local_rank=N before the command; accept it there too.
@@ -77,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--ranks", type=_positive_int, default=None, help="CPU ranks (with --device cpu)")
     plan.add_argument("--global-batch", type=_positive_int, default=None,
                       help="samples per optimizer step over all ranks (default: train.batch_size x train.grad_accum x ranks)")
-    plan.add_argument("--out", help="write the chosen DeepSpeed JSON here")
+    plan.add_argument("--out", type=_output_file, help="write the chosen DeepSpeed JSON here")
 
     generate = commands.add_parser("generate", help="caption images with a trained model")
     generate.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or export folder")
@@ -109,16 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="write the PNG plots of a run folder (with captions.png of its latest "
                                            "checkpoint), or overlay several runs")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    plot.add_argument("--out", help="folder for the PNGs (default: the run folder; needed for several runs)")
+    plot.add_argument("--out", type=_output_folder, help="folder for the PNGs (default: the run folder; needed for several runs)")
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     synth = data_commands.add_parser("synth", help="write the built-in synthetic dataset as a seemore CSV")
-    synth.add_argument("--out", required=True, help="CSV file to write")
+    synth.add_argument("--out", type=_output_file, required=True, help="CSV file to write")
     synth.add_argument("--n", type=_positive_int, default=1000, help="number of images")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
-    synth.add_argument("--png-dir", help="also write every image as a PNG file here")
+    synth.add_argument("--png-dir", type=_output_folder, help="also write every image as a PNG file here")
 
     reference = commands.add_parser("config-reference", help="print every config key with its default, what it "
                                                               "accepts and what it does (docs/config.md)")
@@ -237,6 +266,7 @@ def cmd_data(args) -> None:
     from seemore_ds.data.synthetic import synthetic_dataset
 
     images, captions = synthetic_dataset(args.n, seed=args.seed, size_px=args.size)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_caption_csv(args.out, images, captions)
     if args.png_dir:
         folder = Path(args.png_dir)

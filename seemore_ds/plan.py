@@ -266,6 +266,7 @@ def run_plan(cfg: Config, target: Target, global_batch: int | None, out: str | N
     text.append(f"choice: {chosen.choice.name()}, train_micro_batch_size_per_gpu {chosen.micro_batch}, "
                 f"gradient_accumulation_steps {accum} ({chosen.micro_batch} x {accum} x {target.ranks} rank(s) = {global_batch})")
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(ds_json(chosen, global_batch // target.ranks), indent=2) + "\n", encoding="utf-8")
         text.append(f"wrote {out}; train with it unchanged: deepspeed ... --module seemore_ds train --config YOUR.yaml --deepspeed_config {out}")
     return "\n".join(text)

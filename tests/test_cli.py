@@ -354,6 +354,25 @@ def test_data_synth_writes_a_csv_and_pngs(synth_data):
         assert img.size == (64, 64)
 
 
+def test_data_synth_makes_the_missing_folder_of_its_csv(cli, tmp_path):
+    cli.ok(cli("data", "synth", "--n", 2, "--size", 8, "--out", "new/synth.csv", cwd=tmp_path))
+    assert header(tmp_path / "new" / "synth.csv") == ["", "b64string_images", "caption"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["data", "synth", "--out", "folder"], "argument --out: folder is a folder; name a file"),
+    (["data", "synth", "--out", "file/s.csv"], "argument --out: cannot write file/s.csv: file is a file"),
+    (["data", "synth", "--out", "s.csv", "--png-dir", "file"], "argument --png-dir: file is a file; name a folder"),
+    (["plot", "run", "--out", "file"], "argument --out: file is a file; name a folder"),
+    (["plan", "--out", "folder"], "argument --out: folder is a folder; name a file"),
+])
+def test_an_output_path_with_a_file_or_folder_in_the_way_is_one_line(cli, tmp_path, args, says):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("mine\n", encoding="utf-8")
+    cli.user_error(cli(*args, cwd=tmp_path), says)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"], "nothing is written"
+
+
 def test_a_checkpoint_older_than_the_conv_stem_still_captions(cli, tiny, synth_data, tmp_path):
     """Checkpoints from before model.patch_embed and model.patch_norm existed were trained with the
     single patch conv and no patch LayerNorm."""

@@ -65,6 +65,11 @@ def test_written_json_resolves_with_the_run_config(tmp_path):
     assert tree["train_batch_size"] == 2048 and cfg.train.batch_size * cfg.train.grad_accum * 64 == 2048
 
 
+def test_the_json_goes_into_a_folder_made_for_it(tmp_path):
+    run_plan(load_config(None, NINETY_M), Target(64, "gpu", 80 * GIB, 128 * GIB), 2048, str(tmp_path / "new" / "ds.json"))
+    assert json.loads((tmp_path / "new" / "ds.json").read_text())["zero_optimization"]["stage"] == 0
+
+
 def test_plan_cli_refuses_a_batch_the_ranks_cannot_split(cli, tmp_path):
     result = cli("plan", "--device", "cpu", "--ranks", "3", "--global-batch", "8", cwd=tmp_path)
     cli.user_error(result, "global batch (8) must be a multiple of the 3 rank(s)", "--global-batch 6")
