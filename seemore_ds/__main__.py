@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -317,8 +318,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class StdoutThatOutlivesItsReader:
+    """sys.stdout that, once its reader has gone (``train ... | head``), drops what is printed instead of
+    stopping the command with BrokenPipeError: a run is not lost because its console output went unread."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop_from_now_on()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop_from_now_on()
+
+    def _drop_from_now_on(self) -> None:
+        # The recipe of Python's "Note on SIGPIPE": the descriptor points at devnull, so that later writes and
+        # the interpreter's last flush of stdout succeed.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def console_script() -> None:
     """The ``seemore-ds`` command that ``pip install .`` puts on the PATH."""
+    sys.stdout = StdoutThatOutlivesItsReader(sys.stdout)
     sys.exit(main())
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from seemore_ds.__main__ import main
 from seemore_ds.data.csv_reader import read_caption_csv
 from seemore_ds.manifest import write_manifest
 from seemore_ds.tokenizer import CharTokenizer
+from tests.conftest import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LOSS_COLUMNS = ["step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "samples_per_s"]
@@ -127,6 +131,21 @@ def test_resume_continues_exactly_where_it_stopped(tiny_run, resumed_run):
     theirs = load_file(str(tiny_run.run_dir / "checkpoints" / "step_000006" / "model.safetensors"))
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours), "resumed weights differ from the straight run's"
+
+
+def test_a_run_piped_into_head_goes_on_after_head_has_its_lines(tiny, tmp_path):
+    """`train ... | head -1`: the later lines are dropped, the run is not killed by a broken pipe."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "seemore_ds", "train", *tiny, "train.max_steps=4", "eval.every=2",
+               "run.output_dir=runs/piped"]
+    with subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as run:
+        assert run.stdout.readline().startswith("data: ")
+        run.stdout.close()  # what head does once it has printed its lines
+        stderr = run.stderr.read()
+        assert run.wait(timeout=600) == 0, stderr
+    assert "Error" not in stderr
+    assert (tmp_path / "runs" / "piped" / "checkpoints" / "step_000004").is_dir()
 
 
 def test_fp16_on_cpu_is_refused_pointing_at_bf16(cli, tiny, tmp_path):
