@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -28,28 +29,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _finite_number(text: str) -> float:
+def _finite_number(text: str, above_zero: bool) -> float:
+    """A number above 0, or 0 or more; never NaN or inf, which pass no bound and size or sample nothing."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (above_zero and value == 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number {'above 0' if above_zero else 'of 0 or more'}, "
+                                         f"got {text}")
     return value
 
 
-def _positive_number(text: str) -> float:
-    value = _finite_number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
-    return value
-
-
-def _non_negative_number(text: str) -> float:
-    value = _finite_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {text}")
-    return value
+_positive_number = functools.partial(_finite_number, above_zero=True)
+_non_negative_number = functools.partial(_finite_number, above_zero=False)
 
 
 def _file_in_the_way(folder: Path) -> Path | None:

@@ -76,10 +76,10 @@ def test_plan_cli_refuses_a_batch_the_ranks_cannot_split(cli, tmp_path):
 
 
 @pytest.mark.parametrize("flag, says", [
-    (["--gpu-mem", "0"], "argument --gpu-mem: expected a number above 0, got 0"),
-    (["--gpu-mem", "-5"], "argument --gpu-mem: expected a number above 0, got -5"),
-    (["--gpu-mem", "nan"], "argument --gpu-mem: expected a finite number, got nan"),
-    (["--cpu-mem", "inf"], "argument --cpu-mem: expected a finite number, got inf"),
+    (["--gpu-mem", "0"], "argument --gpu-mem: expected a finite number above 0, got 0"),
+    (["--gpu-mem", "-5"], "argument --gpu-mem: expected a finite number above 0, got -5"),
+    (["--gpu-mem", "nan"], "argument --gpu-mem: expected a finite number above 0, got nan"),
+    (["--cpu-mem", "inf"], "argument --cpu-mem: expected a finite number above 0, got inf"),
 ])
 def test_plan_cli_refuses_memory_that_is_not_a_positive_number(cli, tmp_path, flag, says):
     cli.user_error(cli("plan", *flag, cwd=tmp_path), says)
