@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.precision=bf16")
     plan.add_argument("--nodes", type=_positive_int, default=1)
     plan.add_argument("--gpus-per-node", type=_positive_int, default=1)
-    plan.add_argument("--gpu-mem", type=_positive_number, default=80.0, metavar="GIB", help="memory of one GPU (default 80)")
-    plan.add_argument("--cpu-mem", type=_positive_number, default=None, metavar="GIB", help="host memory per node (default: this machine's)")
+    plan.add_argument("--gpu-mem", type=_positive_number, default=80.0, metavar="GIB",
+                      help="memory of one GPU (default 80)")
+    plan.add_argument("--cpu-mem", type=_positive_number, default=None, metavar="GIB",
+                      help="host memory per node (default: this machine's)")
     plan.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="cpu: plan CPU ranks on this machine")
     plan.add_argument("--ranks", type=_positive_int, default=None, help="CPU ranks (with --device cpu)")
     plan.add_argument("--global-batch", type=_positive_int, default=None,
@@ -132,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="write the PNG plots of a run folder (with captions.png of its latest "
                                            "checkpoint), or overlay several runs")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    plot.add_argument("--out", type=_output_folder, help="folder for the PNGs (default: the run folder; needed for several runs)")
+    plot.add_argument("--out", type=_output_folder,
+                      help="folder for the PNGs (default: the run folder; needed for several runs)")
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -308,7 +308,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         first_lines = {}
         for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # merge keys may repeat, and other keys are unhashable, which the parent refuses
+                continue  # merge keys (<<) may repeat; a list or mapping as a key is unhashable, refused below
             key, line = self.construct_object(key_node), key_node.start_mark.line + 1
             if key in first_lines:
                 raise yaml.constructor.ConstructorError(
