@@ -299,6 +299,7 @@ def test_generate_with_a_missing_image_is_one_line(cli, tiny_run):
     (["--temperature", "nan"], "argument --temperature: expected a finite number of 0 or more, got nan"),
     (["--temperature", "-1"], "argument --temperature: expected a finite number of 0 or more, got -1"),
     (["--top-k", "0"], "argument --top-k: expected a positive integer, got 0"),
+    (["--top-k", "two"], "argument --top-k: expected a positive integer, got two"),
 ])
 def test_generate_refuses_a_temperature_or_top_k_it_cannot_sample_with(cli, tmp_path, flag, says):
     cli.user_error(cli("generate", "--checkpoint", "run", "--image", "a.png", *flag, cwd=tmp_path), says,
