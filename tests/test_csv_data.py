@@ -457,3 +457,23 @@ def test_a_csv_without_the_columns_stops_the_cli_with_one_line(cli, tiny, tmp_pa
     write_csv(tmp_path / "captions.csv", ["picture", "text"], [["x", "y"]])
     result = cli("train", *tiny, "data.csv=captions.csv", "run.output_dir=runs/csv", cwd=tmp_path)
     cli.user_error(result, "captions.csv has no 'b64string_images' and no 'caption' column")
+
+
+def test_too_few_rows_for_a_batch_are_refused_before_the_backend_times_a_step_and_name_the_skipped_rows(
+        tiny, tmp_path, monkeypatch):
+    """train.precision=auto times training steps at train.batch_size when the backend is built: a batch larger
+    than the data must be refused before, and the rows the data lost be counted there."""
+    from seemore_ds import trainer
+    from seemore_ds.config import load_config
+
+    def no_backend(*args):
+        raise AssertionError("the backend was built for a batch the data cannot fill")
+
+    monkeypatch.setattr(trainer, "build_backend", no_backend)
+    csv_with_bad_rows(tmp_path / "captions.csv", n_good=5)
+    cfg = load_config(None, [*tiny, f"data.csv={tmp_path / 'captions.csv'}", "train.precision=auto",
+                             "train.batch_size=100000", f"run.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError) as err:
+        trainer.train(cfg)
+    assert "fewer than train.batch_size=100000" in str(err.value)
+    assert "3 rows skipped (2 not valid base64, 1 empty caption)" in str(err.value)

@@ -239,6 +239,17 @@ class BatchPrefetcher:
         return batches
 
 
+def check_enough_rows(n: int, batch_size: int, world_size: int, skipped: str = "") -> None:
+    """A UserError when ``n`` training rows make no whole step of ``batch_size`` rows on each of ``world_size``
+    ranks; ``skipped`` says which rows the data lost (``summarize_bad_rows``), as a reason to look there."""
+    if n < batch_size * world_size:
+        lost = f"; {skipped}" if skipped else ""
+        raise UserError(
+            f"the training split has {n} rows, fewer than train.batch_size={batch_size} x {world_size} rank(s){lost}; "
+            f"lower train.batch_size or add data"
+        )
+
+
 class ResumableSampler:
     """Per-epoch shuffled, rank-sharded batches of indices whose position survives a restart on any rank count.
 
@@ -252,12 +263,8 @@ class ResumableSampler:
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
         self.samples_per_step = batch_size * world_size
+        check_enough_rows(n, batch_size, world_size)
         self.batches_per_epoch = n // self.samples_per_step
-        if self.batches_per_epoch == 0:
-            raise UserError(
-                f"the training split has {n} rows, fewer than train.batch_size={batch_size} x {world_size} rank(s); "
-                f"lower train.batch_size or add data"
-            )
         self.epoch, self.position = 0, 0  # position: samples of this epoch's global order drawn by all ranks
         self._order = None
 
