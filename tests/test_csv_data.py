@@ -477,3 +477,21 @@ def test_too_few_rows_for_a_batch_are_refused_before_the_backend_times_a_step_an
         trainer.train(cfg)
     assert "fewer than train.batch_size=100000" in str(err.value)
     assert "3 rows skipped (2 not valid base64, 1 empty caption)" in str(err.value)
+
+
+def test_the_built_in_dataset_skips_and_reports_captions_longer_than_max_caption_len_as_a_table_does(tiny):
+    """Never cut: a caption cut short would teach the model a caption the image does not show."""
+    from seemore_ds.config import load_config
+    from seemore_ds.data.dataset import load_caption_data
+
+    data = load_caption_data(load_config(None, [*tiny, "data.synth_n=64", "model.max_caption_len=40"]))
+    assert data.bad_rows and len(data) + len(data.bad_rows) == 64
+    assert all(len(caption) <= 40 for caption in data.captions)
+    assert all(b.reason.startswith("caption of ") and b.reason.endswith("exceeds model.max_caption_len=40")
+               for b in data.bad_rows)
+    assert {b.file for b in data.bad_rows} == {"built-in synthetic (64 images)"}
+    with pytest.raises(UserError, match=r"built-in synthetic \(64 images\) row \d+: caption of .* \(set data.on_bad_row=skip"):
+        load_caption_data(load_config(None, [*tiny, "data.synth_n=64", "model.max_caption_len=40", "data.on_bad_row=error"]))
+    with pytest.raises(UserError, match=r"built-in synthetic \(64 images\) has no usable rows; 64 rows skipped"):
+        load_caption_data(load_config(None, [*tiny, "data.synth_n=64", "model.max_caption_len=5"]))
+

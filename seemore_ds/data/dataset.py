@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,9 @@ import torch
 from seemore_ds.config import Config
 from seemore_ds.data.augment import ImageShifts
 from seemore_ds.data.csv_reader import check_usable
-from seemore_ds.data.decoding import BadRow, DecodeResult, DecodeSettings, decode_tables, default_workers
+from seemore_ds.data.decoding import BadRow, DecodeResult, DecodeSettings, decode_synthetic, decode_tables, default_workers
 from seemore_ds.data.image_cache import cache_key, load_or_decode, map_images
-from seemore_ds.data.images import to_rgb_array
 from seemore_ds.data.tables import table_files
-from seemore_ds.data.synthetic import synthetic_dataset
 from seemore_ds.errors import UserError
 from seemore_ds.tokenizer import IGNORE_INDEX, CharTokenizer
 
@@ -61,7 +58,7 @@ def load_caption_data(cfg: Config, csv_path: str | None = None, cache_dir: Path 
     images there, the others map them. Without it the images go to a temporary file that is mapped,
     then deleted: still paged by the OS, never held in this process's own memory."""
     spec = cfg.data.csv if csv_path is None else csv_path
-    source = spec or f"built-in synthetic ({cfg.data.synth_n} images)"
+    source = spec or synthetic_source(cfg)
     shape = (3, cfg.model.img_size, cfg.model.img_size)
     if cache_dir is None:
         with tempfile.TemporaryDirectory(prefix="seemore-ds-decode-") as folder:
@@ -83,16 +80,20 @@ def decode_caption_data(cfg: Config, spec: str, image_file: Path, progress: bool
     """Decode the tables ``spec`` names (empty: the built-in dataset) into ``image_file``, uint8
     (N, 3, S, S), on ``data.decode_workers`` processes (0: this process's cores, shared out between
     ``ranks_decoding`` processes of the node doing the same); a progress bar when ``progress``."""
-    if not spec:
-        start = time.perf_counter()
-        pil_images, captions = synthetic_dataset(cfg.data.synth_n, seed=cfg.train.seed, size_px=cfg.model.img_size)
-        np.stack([to_rgb_array(img, cfg.model.img_size) for img in pil_images]).tofile(image_file)
-        return DecodeResult(len(captions), captions, [], time.perf_counter() - start, 1)
     settings = DecodeSettings(cfg.model.img_size, cfg.model.max_caption_len, cfg.data.max_image_pixels)
-    result = decode_tables(table_files(spec), settings, image_file, cfg.data.on_bad_row,
-                           cfg.data.decode_workers or max(1, default_workers() // ranks_decoding), progress=progress)
-    check_usable(spec, result)
+    if spec:
+        result = decode_tables(table_files(spec), settings, image_file, cfg.data.on_bad_row,
+                               cfg.data.decode_workers or max(1, default_workers() // ranks_decoding), progress=progress)
+    else:
+        result = decode_synthetic(cfg.data.synth_n, cfg.train.seed, settings, image_file, cfg.data.on_bad_row,
+                                  synthetic_source(cfg))
+    check_usable(spec or synthetic_source(cfg), result)
     return result
+
+
+def synthetic_source(cfg: Config) -> str:
+    """How the built-in dataset is named where a table's file name would be."""
+    return f"built-in synthetic ({cfg.data.synth_n} images)"
 
 
 def _shows_progress(cfg: Config) -> bool:
