@@ -495,3 +495,19 @@ def test_the_built_in_dataset_skips_and_reports_captions_longer_than_max_caption
     with pytest.raises(UserError, match=r"built-in synthetic \(64 images\) has no usable rows; 64 rows skipped"):
         load_caption_data(load_config(None, [*tiny, "data.synth_n=64", "model.max_caption_len=5"]))
 
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_table_naming_a_column_twice_is_a_user_error(tmp_path, suffix):
+    """Which of two 'caption' columns is meant cannot be told: never train on one of them silently."""
+    rows = [[png_b64(), "the first caption", "the second caption"]] * 3
+    header = ["b64string_images", "caption", "caption"]
+    if suffix == ".csv":
+        path = write_csv(tmp_path / "d.csv", header, rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "d.parquet"
+        pq.write_table(pa.Table.from_arrays([pa.array(column) for column in zip(*rows)], names=header), path)
+    with pytest.raises(UserError, match="has more than one column named 'caption'; rename or remove"):
+        read(path)
