@@ -88,7 +88,7 @@ def evaluate_checkpoint(model: SeemoreVLM, tokenizer: CharTokenizer, cfg: Config
                         batch_size: int) -> dict:
     """val_loss, caption_exact_match and n on a CSV (bad rows skipped and counted) or the run's held-out split."""
     if csv_path:
-        data = load_caption_data(replace(cfg, data=replace(cfg.data, on_bad_row="skip")), csv_path)
+        data = load_caption_data(replace(cfg, data=replace(cfg.data, on_bad_row="skip")), csv_path, key="--data")
         source = csv_path
     else:
         data = held_out_data(cfg)

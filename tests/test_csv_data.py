@@ -511,3 +511,16 @@ def test_a_table_naming_a_column_twice_is_a_user_error(tmp_path, suffix):
         pq.write_table(pa.Table.from_arrays([pa.array(column) for column in zip(*rows)], names=header), path)
     with pytest.raises(UserError, match="has more than one column named 'caption'; rename or remove"):
         read(path)
+
+
+
+def test_eval_names_its_data_argument(cli, tiny_run, tmp_path):
+    """A missing table or a folder is named by the argument the user gave."""
+    cli.user_error(cli("eval", "--checkpoint", tiny_run.run_dir, "--data", "nope.csv", cwd=tmp_path),
+                   "--data: nope.csv does not exist")
+    cli.user_error(cli("eval", "--checkpoint", tiny_run.run_dir, "--data", ".", cwd=tmp_path),
+                   "--data: . is a folder; name a table file, or a glob such as ./*.csv")
+
+def test_a_folder_as_data_csv_is_named_a_folder(tmp_path):
+    with pytest.raises(UserError, match=r"data.csv: .* is a folder; name a table file, or a glob such as .*\*\.csv"):
+        read(tmp_path)

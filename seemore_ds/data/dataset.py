@@ -52,12 +52,15 @@ class CaptionData:
         return CaptionData(self.images, [self.captions[i] for i in indices.tolist()], self.source, rows=rows)
 
 
-def load_caption_data(cfg: Config, csv_path: str | None = None, cache_dir: Path | None = None) -> CaptionData:
-    """The configured tables (or ``csv_path``: see ``tables.table_files``), else the built-in synthetic
-    dataset; decoded once, and with ``cache_dir`` once per node: the first process writes the decoded
+def load_caption_data(cfg: Config, csv_path: str | None = None, cache_dir: Path | None = None,
+                      key: str = "data.csv") -> CaptionData:
+    """The configured tables (or ``csv_path``, given as ``key``: see ``tables.table_files``), else the built-in
+    synthetic dataset; decoded once, and with ``cache_dir`` once per node: the first process writes the decoded
     images there, the others map them. Without it the images go to a temporary file that is mapped,
     then deleted: still paged by the OS, never held in this process's own memory."""
     spec = cfg.data.csv if csv_path is None else csv_path
+    if spec:  # a missing table is refused here, named as the user gave it (the cache key and decode look again)
+        table_files(spec, key)
     source = spec or synthetic_source(cfg)
     shape = (3, cfg.model.img_size, cfg.model.img_size)
     if cache_dir is None:
@@ -106,14 +109,14 @@ def load_train_val(cfg: Config, cache_dir: Path | None = None) -> tuple[CaptionD
     training data then trains), else a split of the training data by ``data.val_fraction``."""
     data = load_caption_data(cfg, cache_dir=cache_dir)
     if cfg.data.val_csv:
-        return data, data, load_caption_data(cfg, cfg.data.val_csv, cache_dir=cache_dir)
+        return data, data, load_caption_data(cfg, cfg.data.val_csv, cache_dir=cache_dir, key="data.val_csv")
     return data, *split_train_val(data, cfg.data.val_fraction, cfg.train.seed)
 
 
 def load_held_out(cfg: Config) -> CaptionData:
     """The held-out rows alone: ``data.val_csv``, else the split of the training data."""
     if cfg.data.val_csv:
-        return load_caption_data(cfg, cfg.data.val_csv)
+        return load_caption_data(cfg, cfg.data.val_csv, key="data.val_csv")
     return split_train_val(load_caption_data(cfg), cfg.data.val_fraction, cfg.train.seed)[1]
 
 

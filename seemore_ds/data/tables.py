@@ -47,8 +47,9 @@ class Row:
 
 def table_files(spec: str, key: str = "data.csv") -> list[Path]:
     """The tables a ``data.csv``-style value names: files and globs separated by commas, in the order
-    given, each glob's matches sorted; a file named twice is read once. One-line UserErrors for a file
-    that does not exist and a glob that matches no file."""
+    given, each glob's matches sorted; a file named twice is read once. One-line UserErrors, naming
+    ``key`` (the setting or argument the user wrote), for a file that does not exist, a folder and a glob
+    that matches no file."""
     files: list[Path] = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:
@@ -60,6 +61,9 @@ def table_files(spec: str, key: str = "data.csv") -> list[Path]:
             files.extend(matches)
         elif Path(item).is_file():
             files.append(Path(item))
+        elif Path(item).is_dir():
+            raise UserError(f"{key}: {item} is a folder; name a table file, or a glob such as "
+                            f"{os.path.join(item, '*.csv')}")
         else:
             raise UserError(f"{key}: {item} does not exist")
     if not files:
