@@ -513,13 +513,23 @@ def test_a_table_naming_a_column_twice_is_a_user_error(tmp_path, suffix):
         read(path)
 
 
-
-def test_eval_names_its_data_argument(cli, tiny_run, tmp_path):
-    """A missing table or a folder is named by the argument the user gave."""
+def test_eval_names_its_data_argument_and_reports_the_rows_it_skipped(cli, tiny_run, tmp_path):
+    """As training does: every skipped row counted with its reason (on stderr, so that --json stays JSON),
+    and a missing table or a folder named by the argument the user gave."""
+    csv_with_bad_rows(tmp_path / "captions.csv")
+    result = cli.ok(cli("eval", "--checkpoint", tiny_run.run_dir, "--data", "captions.csv", "--json", cwd=tmp_path))
+    assert json.loads(result.stdout)["bad_rows"] == [
+        {"file": "captions.csv", "row": 4, "reason": "not valid base64"},
+        {"file": "captions.csv", "row": 8, "reason": "empty caption"},
+        {"file": "captions.csv", "row": 10, "reason": "not valid base64"},
+    ]
+    assert ("data: 3 rows skipped (2 not valid base64, 1 empty caption); first: captions.csv row 4: not valid base64, "
+            "captions.csv row 8: empty caption, captions.csv row 10: not valid base64") in result.stderr
     cli.user_error(cli("eval", "--checkpoint", tiny_run.run_dir, "--data", "nope.csv", cwd=tmp_path),
                    "--data: nope.csv does not exist")
     cli.user_error(cli("eval", "--checkpoint", tiny_run.run_dir, "--data", ".", cwd=tmp_path),
                    "--data: . is a folder; name a table file, or a glob such as ./*.csv")
+
 
 def test_a_folder_as_data_csv_is_named_a_folder(tmp_path):
     with pytest.raises(UserError, match=r"data.csv: .* is a folder; name a table file, or a glob such as .*\*\.csv"):
