@@ -131,6 +131,18 @@ def test_export_never_writes_into_a_checkpoint_or_a_runs_checkpoints_folder(cli,
     cli.ok(cli("export", "--checkpoint", run, "--out", run / "export", cwd=tmp_path))
     cli.ok(cli("export", "--checkpoint", older, "--out", run / "export", cwd=tmp_path))  # an export may be replaced
 
+
+def test_checkpoint_info_describes_an_export_and_resuming_one_says_what_to_resume(cli, tiny_run, tmp_path):
+    export = tmp_path / "export"
+    cli.ok(cli("export", "--checkpoint", tiny_run.run_dir, "--out", export, cwd=tmp_path))
+    info = cli.ok(cli("checkpoint", "info", export, cwd=tmp_path)).stdout
+    assert f"export         {export}" in info and "model.safetensors:" in info and "(F32" in info, info
+    assert "training state none: eval and generate read it" in info, info
+    for command in (["checkpoint", "convert", "--checkpoint", export, "--out", tmp_path / "converted"],
+                    ["train", *tiny_run.overrides, f"train.resume={export}", "run.output_dir=resumed"]):
+        line = cli.user_error(cli(*command, cwd=tmp_path), "is an export", "the checkpoint it was exported from")
+        assert "seemore_ds export" not in line
+
 KILLED_CONVERSION = """
 import os, sys
 from pathlib import Path
