@@ -25,6 +25,7 @@ def test_rates_equal_lambdalr_stepped_on_applied_updates_through_growth_skips_an
         applied = call % 7 != 3  # some updates skipped: the schedule holds
         schedule.step(torch.tensor(applied))
         if applied:
+            reference_optimizer.step()  # no gradients, nothing moves: LambdaLR only wants it called first
             reference.step()
     restored = DeviceLRSchedule(optimizer(), cfg, torch.device("cpu"))
     restored.load_state_dict({"last_epoch": 2000})  # beyond the first table: it grows to hold the step
