@@ -242,9 +242,12 @@ def seed_rng_for(seed: int, step: int, rank: int) -> None:
 def read_checkpoint_record(folder: Path) -> dict:
     """``train_state.json`` of a checkpoint folder: the TrainState, its val loss and ``written_by``."""
     path = folder / TRAIN_STATE_FILE
+    if is_export(folder):
+        raise UserError(f"{folder} is an export (weights, config and tokenizer, no training state): eval and generate "
+                        f"read it, checkpoint info describes it; resume or convert the checkpoint it was exported from")
     if not path.is_file():
-        raise UserError(f"{folder} has no {TRAIN_STATE_FILE}: it is not a checkpoint of this seemore-ds (an export, "
-                        f"or a checkpoint of an older version); train from its weights with python -m seemore_ds export")
+        raise UserError(f"{folder} has no {TRAIN_STATE_FILE}: it is a checkpoint of an older seemore-ds, whose weights "
+                        f"eval, generate and export read but whose training cannot be resumed; train.resume=none starts over")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
@@ -255,13 +258,21 @@ def written_by(folder: Path) -> WrittenBy:
     return WrittenBy(**read_checkpoint_record(folder)["written_by"])
 
 
+def is_export(folder: Path) -> bool:
+    """What ``export`` writes: a folder with consolidated weights and config but no training state."""
+    return (folder / MODEL_FILE).is_file() and (folder / CONFIG_FILE).is_file() and not (folder / TRAIN_STATE_FILE).is_file()
+
+
 def checkpoint_summary(path: str | Path) -> str:
-    """``checkpoint info``: step, world size, stage, precision, backend, samples seen and size, one per line."""
+    """``checkpoint info``: step, world size, stage, precision, backend, samples seen and size, one per line;
+    for an export, its weights and size."""
     folder = resolve_checkpoint(path)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    size = f"{sum(p.stat().st_size for p in files) / 2**20:.1f} MiB in {len(files)} files"
+    if is_export(folder):
+        return _export_summary(folder, size)
     record = read_checkpoint_record(folder)
     meta = WrittenBy(**record["written_by"])
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    size = sum(p.stat().st_size for p in files)
     universal = folder / "universal"
     val_loss = record.get("val_loss")
     lines = [
@@ -274,7 +285,24 @@ def checkpoint_summary(path: str | Path) -> str:
         f"precision      {meta.precision}",
         f"val loss       {'-' if val_loss is None else f'{val_loss:.4f}'}",
         f"universal form {'yes' if (universal / 'zero').is_dir() else 'no (converted on the first resume that needs it)'}",
-        f"size           {size / 2**20:.1f} MiB in {len(files)} files",
+        f"size           {size}",
+    ]
+    return "\n".join(lines)
+
+
+def _export_summary(folder: Path, size: str) -> str:
+    """``checkpoint info`` of an export: what its weights file holds, read from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / MODEL_FILE), framework="pt") as weights:
+        slices = [weights.get_slice(name) for name in weights.keys()]
+        n_values = sum(math.prod(piece.get_shape()) for piece in slices)
+        dtypes = sorted({piece.get_dtype() for piece in slices})
+    lines = [
+        f"export         {folder}",
+        f"weights        {MODEL_FILE}: {n_values} values ({', '.join(dtypes)})",
+        f"size           {size}",
+        "training state none: eval and generate read it; resume or convert the checkpoint it was exported from",
     ]
     return "\n".join(lines)
 

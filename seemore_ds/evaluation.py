@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,6 +12,8 @@ from torch.distributed import ReduceOp
 
 from seemore_ds.config import Config
 from seemore_ds.errors import UserError
+from seemore_ds.data.csv_reader import summarize_bad_rows
+from seemore_ds.data.decoding import BadRow
 from seemore_ds.data.dataset import Batch, TokenizedSplit, load_caption_data, load_held_out
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.tokenizer import IGNORE_INDEX, CharTokenizer
@@ -86,15 +89,27 @@ def held_out_data(cfg: Config):
 
 def evaluate_checkpoint(model: SeemoreVLM, tokenizer: CharTokenizer, cfg: Config, csv_path: str | None,
                         batch_size: int) -> dict:
-    """val_loss, caption_exact_match and n on a CSV (bad rows skipped and counted) or the run's held-out split."""
+    """val_loss, caption_exact_match and n on a CSV (bad rows skipped, counted and listed) or the run's held-out
+    split. The skipped rows' reasons go to stderr (stdout may be JSON) and are listed in the result."""
     if csv_path:
-        data = load_caption_data(replace(cfg, data=replace(cfg.data, on_bad_row="skip")), csv_path)
+        data = load_caption_data(replace(cfg, data=replace(cfg.data, on_bad_row="skip")), csv_path, key="--data")
         source = csv_path
     else:
         data = held_out_data(cfg)
         source = data.source if cfg.data.val_csv else f"held-out split of {data.source}"
+    if data.bad_rows:
+        print(f"data: {summarize_bad_rows(data.bad_rows)}; first: {first_bad_rows(data.bad_rows)}", file=sys.stderr)
     split = TokenizedSplit(data, tokenizer, model.text_len)
     val_loss = model_loss(model, split, batch_size)
     matches, n = caption_matches(model, split, tokenizer, batch_size=batch_size)
     return {"val_loss": val_loss, "caption_exact_match": matches / n, "n": n,
-            "skipped_rows": len(data.bad_rows), "source": source}
+            "skipped_rows": len(data.bad_rows), "bad_rows": [asdict(b) for b in data.bad_rows], "source": source}
+
+
+SHOWN_BAD_ROWS = 5  # on the console; the result lists all of them
+
+
+def first_bad_rows(bad: list[BadRow]) -> str:
+    """'a.csv row 49: image file not found, a.csv row 50: empty caption, ... (and 5 more)'."""
+    shown = ", ".join(f"{b.file} row {b.row}: {b.reason}" for b in bad[:SHOWN_BAD_ROWS])
+    return shown + (f" (and {len(bad) - SHOWN_BAD_ROWS} more)" if len(bad) > SHOWN_BAD_ROWS else "")

@@ -17,8 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seemore_ds import ds_files
-from seemore_ds.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_checkpoint_config, resolve_checkpoint
+from seemore_ds.checkpoint import (CHECKPOINTS, CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, TRAIN_STATE_FILE,
+                                   list_checkpoints, load_checkpoint_config, read_pointer, resolve_checkpoint)
 from seemore_ds.errors import UserError
+from seemore_ds.manifest import MANIFEST_FILE
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.safe_pickles import refused, weights_only_loads
 from seemore_ds.tokenizer import CharTokenizer
@@ -61,6 +63,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     out = Path(out)
     weights = out if out.suffix == ".safetensors" else out / MODEL_FILE
     _check_writable_folder(weights.parent, "--out")
+    _check_not_into_a_checkpoint(weights.parent, folder)
     for name in (CONFIG_FILE, TOKENIZER_FILE):
         if not (folder / name).is_file():
             raise UserError(f"{folder} has no {name}; point --checkpoint at a checkpoint folder of a seemore-ds run")
@@ -85,3 +88,33 @@ def _check_writable_folder(folder: Path, what: str) -> None:
             if not part.is_dir():
                 raise UserError(f"{what} {folder} cannot be a folder: {part} is a file")
             return
+
+
+def _check_not_into_a_checkpoint(out_folder: Path, source: Path) -> None:
+    """Refuse an ``--out`` folder that is the source, a checkpoint, inside one or inside a run's checkpoints
+    folder, or a run folder: files added to a checkpoint are not in its manifest (eval would read them
+    unchecked, or the checkpoint fails its check and resume passes over it), and a run folder's own
+    checkpoints would shadow the export when eval or generate is pointed at it."""
+    target = out_folder.resolve()
+    for part in (target, *target.parents):
+        if part == source.resolve() or _is_checkpoint(part):
+            what = "the checkpoint being exported" if part == source.resolve() else f"checkpoint {part}"
+        elif _holds_checkpoints(part):
+            what = f"the checkpoints folder {part} of a run"
+        elif part == target and _holds_checkpoints(part / CHECKPOINTS):
+            what = f"the run folder {part}"
+        else:
+            continue
+        where = "is" if part == target else "lies inside"
+        raise UserError(f"--out {out_folder} {where} {what}, which an export must leave as it is; "
+                        "export to a folder of its own, e.g. RUN/export beside RUN/checkpoints")
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder of any backend (DeepSpeed's own files, or what the manager adds to every one)."""
+    return (folder / TRAIN_STATE_FILE).is_file() or (folder / MANIFEST_FILE).is_file() or ds_files.is_deepspeed_checkpoint(folder)
+
+
+def _holds_checkpoints(folder: Path) -> bool:
+    """A run's ``checkpoints`` folder: one named so with a ``latest`` pointer or checkpoint folders."""
+    return folder.name == CHECKPOINTS and (read_pointer(folder / "latest") is not None or bool(list_checkpoints(folder)))

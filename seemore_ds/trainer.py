@@ -17,7 +17,8 @@ from seemore_ds.backends import build_backend
 from seemore_ds.config import Config, save_config
 from seemore_ds.data.csv_reader import summarize_bad_rows, write_bad_rows
 from seemore_ds.data.augment import ImageShifts
-from seemore_ds.data.dataset import BatchPrefetcher, CaptionData, ResumableSampler, TokenizedSplit, load_train_val
+from seemore_ds.data.dataset import (BatchPrefetcher, CaptionData, ResumableSampler, TokenizedSplit, check_enough_rows,
+                                     load_train_val)
 from seemore_ds.data.tables import absolute_spec
 from seemore_ds.errors import UserError
 from seemore_ds.metrics.processor import MetricsProcessor, ModelFigures
@@ -81,6 +82,11 @@ class Trainer:
         self.state = self.checkpoints.state  # step, samples seen, best val loss, ...: restored by the manager
         cache_dir = Path(cfg.data.cache_dir or self.run_dir / "cache") if cfg.data.cache else None
         data, train_data, val_data = load_train_val(cfg, cache_dir=cache_dir)
+        # Before the backend, whose train.precision=auto times training steps at train.batch_size: too few rows
+        # for one rank's batch is refused at once, saying which rows were skipped (no run folder holds their
+        # list yet). The sampler checks again for every rank.
+        skipped = data.bad_rows + val_data.bad_rows
+        check_enough_rows(len(train_data), cfg.train.batch_size, 1, summarize_bad_rows(skipped) if skipped else "")
         self.resume_from = self.checkpoints.find_resume()
         if self.resume_from:
             saved = ckpt.load_checkpoint_config(self.resume_from)

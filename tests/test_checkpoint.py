@@ -4,6 +4,7 @@ pruning spares it, ``checkpoint info``/``convert``, and ``export`` refusing a ba
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,35 @@ def test_export_refuses_an_out_under_a_file_in_one_line(cli, tiny_run, tmp_path)
                        cwd=tmp_path), "is a file")
     assert (tmp_path / "file.txt").read_text() == "not a folder"
 
+
+
+def test_export_never_writes_into_a_checkpoint_or_a_runs_checkpoints_folder(cli, tiny_run, tmp_path):
+    """Files added to a checkpoint are not in its manifest: eval would read them unchecked, resume would pass
+    the checkpoint over as damaged. Every such --out is refused and leaves the run byte for byte."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run)
+    before = snapshot(run)
+    older, newest = list_checkpoints(run / "checkpoints")  # the best and the latest
+    for out, says in [(older, f"is checkpoint {older}"), (newest, "is the checkpoint being exported"),
+                      (older / "model.safetensors", f"is checkpoint {older}"), (older / "sub", "lies inside checkpoint"),
+                      (run / "checkpoints", "is the checkpoints folder"), (run / "checkpoints" / "x", "lies inside the checkpoints"),
+                      (run, "is the run folder")]:
+        cli.user_error(cli("export", "--checkpoint", newest, "--out", out, cwd=tmp_path), says, "RUN/export")
+    assert snapshot(run) == before
+    cli.ok(cli("export", "--checkpoint", run, "--out", run / "export", cwd=tmp_path))
+    cli.ok(cli("export", "--checkpoint", older, "--out", run / "export", cwd=tmp_path))  # an export may be replaced
+
+
+def test_checkpoint_info_describes_an_export_and_resuming_one_says_what_to_resume(cli, tiny_run, tmp_path):
+    export = tmp_path / "export"
+    cli.ok(cli("export", "--checkpoint", tiny_run.run_dir, "--out", export, cwd=tmp_path))
+    info = cli.ok(cli("checkpoint", "info", export, cwd=tmp_path)).stdout
+    assert f"export         {export}" in info and "model.safetensors:" in info and "(F32" in info, info
+    assert "training state none: eval and generate read it" in info, info
+    for command in (["checkpoint", "convert", "--checkpoint", export, "--out", tmp_path / "converted"],
+                    ["train", *tiny_run.overrides, f"train.resume={export}", "run.output_dir=resumed"]):
+        line = cli.user_error(cli(*command, cwd=tmp_path), "is an export", "the checkpoint it was exported from")
+        assert "seemore_ds export" not in line
 
 KILLED_CONVERSION = """
 import os, sys

@@ -457,3 +457,80 @@ def test_a_csv_without_the_columns_stops_the_cli_with_one_line(cli, tiny, tmp_pa
     write_csv(tmp_path / "captions.csv", ["picture", "text"], [["x", "y"]])
     result = cli("train", *tiny, "data.csv=captions.csv", "run.output_dir=runs/csv", cwd=tmp_path)
     cli.user_error(result, "captions.csv has no 'b64string_images' and no 'caption' column")
+
+
+def test_too_few_rows_for_a_batch_are_refused_before_the_backend_times_a_step_and_name_the_skipped_rows(
+        tiny, tmp_path, monkeypatch):
+    """train.precision=auto times training steps at train.batch_size when the backend is built: a batch larger
+    than the data must be refused before, and the rows the data lost be counted there."""
+    from seemore_ds import trainer
+    from seemore_ds.config import load_config
+
+    def no_backend(*args):
+        raise AssertionError("the backend was built for a batch the data cannot fill")
+
+    monkeypatch.setattr(trainer, "build_backend", no_backend)
+    csv_with_bad_rows(tmp_path / "captions.csv", n_good=5)
+    cfg = load_config(None, [*tiny, f"data.csv={tmp_path / 'captions.csv'}", "train.precision=auto",
+                             "train.batch_size=100000", f"run.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError) as err:
+        trainer.train(cfg)
+    assert "fewer than train.batch_size=100000" in str(err.value)
+    assert "3 rows skipped (2 not valid base64, 1 empty caption)" in str(err.value)
+
+
+def test_the_built_in_dataset_skips_and_reports_captions_longer_than_max_caption_len_as_a_table_does(tiny):
+    """Never cut: a caption cut short would teach the model a caption the image does not show."""
+    from seemore_ds.config import load_config
+    from seemore_ds.data.dataset import load_caption_data
+
+    data = load_caption_data(load_config(None, [*tiny, "data.synth_n=64", "model.max_caption_len=40"]))
+    assert data.bad_rows and len(data) + len(data.bad_rows) == 64
+    assert all(len(caption) <= 40 for caption in data.captions)
+    assert all(b.reason.startswith("caption of ") and b.reason.endswith("exceeds model.max_caption_len=40")
+               for b in data.bad_rows)
+    assert {b.file for b in data.bad_rows} == {"built-in synthetic (64 images)"}
+    with pytest.raises(UserError, match=r"built-in synthetic \(64 images\) row \d+: caption of .* \(set data.on_bad_row=skip"):
+        load_caption_data(load_config(None, [*tiny, "data.synth_n=64", "model.max_caption_len=40", "data.on_bad_row=error"]))
+    with pytest.raises(UserError, match=r"built-in synthetic \(64 images\) has no usable rows; 64 rows skipped"):
+        load_caption_data(load_config(None, [*tiny, "data.synth_n=64", "model.max_caption_len=5"]))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_table_naming_a_column_twice_is_a_user_error(tmp_path, suffix):
+    """Which of two 'caption' columns is meant cannot be told: never train on one of them silently."""
+    rows = [[png_b64(), "the first caption", "the second caption"]] * 3
+    header = ["b64string_images", "caption", "caption"]
+    if suffix == ".csv":
+        path = write_csv(tmp_path / "d.csv", header, rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "d.parquet"
+        pq.write_table(pa.Table.from_arrays([pa.array(column) for column in zip(*rows)], names=header), path)
+    with pytest.raises(UserError, match="has more than one column named 'caption'; rename or remove"):
+        read(path)
+
+
+def test_eval_names_its_data_argument_and_reports_the_rows_it_skipped(cli, tiny_run, tmp_path):
+    """As training does: every skipped row counted with its reason (on stderr, so that --json stays JSON),
+    and a missing table or a folder named by the argument the user gave."""
+    csv_with_bad_rows(tmp_path / "captions.csv")
+    result = cli.ok(cli("eval", "--checkpoint", tiny_run.run_dir, "--data", "captions.csv", "--json", cwd=tmp_path))
+    assert json.loads(result.stdout)["bad_rows"] == [
+        {"file": "captions.csv", "row": 4, "reason": "not valid base64"},
+        {"file": "captions.csv", "row": 8, "reason": "empty caption"},
+        {"file": "captions.csv", "row": 10, "reason": "not valid base64"},
+    ]
+    assert ("data: 3 rows skipped (2 not valid base64, 1 empty caption); first: captions.csv row 4: not valid base64, "
+            "captions.csv row 8: empty caption, captions.csv row 10: not valid base64") in result.stderr
+    cli.user_error(cli("eval", "--checkpoint", tiny_run.run_dir, "--data", "nope.csv", cwd=tmp_path),
+                   "--data: nope.csv does not exist")
+    cli.user_error(cli("eval", "--checkpoint", tiny_run.run_dir, "--data", ".", cwd=tmp_path),
+                   "--data: . is a folder; name a table file, or a glob such as ./*.csv")
+
+
+def test_a_folder_as_data_csv_is_named_a_folder(tmp_path):
+    with pytest.raises(UserError, match=r"data.csv: .* is a folder; name a table file, or a glob such as .*\*\.csv"):
+        read(tmp_path)

@@ -107,7 +107,7 @@ def test_a_changed_csv_or_built_in_dataset_never_reuses_the_entry(tmp_path, tiny
     assert_same_data(edited, load_caption_data(cfg))
 
     built_in = config()
-    for change in ("data.synth_n=13", "train.seed=1"):
+    for change in ("data.synth_n=13", "train.seed=1", "model.max_caption_len=38", "data.on_bad_row=error"):
         assert image_cache.cache_key(built_in, "") != image_cache.cache_key(config(change), "")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,9 @@ import torch
 from seemore_ds.config import Config
 from seemore_ds.data.augment import ImageShifts
 from seemore_ds.data.csv_reader import check_usable
-from seemore_ds.data.decoding import BadRow, DecodeResult, DecodeSettings, decode_tables, default_workers
+from seemore_ds.data.decoding import BadRow, DecodeResult, DecodeSettings, decode_synthetic, decode_tables, default_workers
 from seemore_ds.data.image_cache import cache_key, load_or_decode, map_images
-from seemore_ds.data.images import to_rgb_array
 from seemore_ds.data.tables import table_files
-from seemore_ds.data.synthetic import synthetic_dataset
 from seemore_ds.errors import UserError
 from seemore_ds.tokenizer import IGNORE_INDEX, CharTokenizer
 
@@ -55,13 +52,16 @@ class CaptionData:
         return CaptionData(self.images, [self.captions[i] for i in indices.tolist()], self.source, rows=rows)
 
 
-def load_caption_data(cfg: Config, csv_path: str | None = None, cache_dir: Path | None = None) -> CaptionData:
-    """The configured tables (or ``csv_path``: see ``tables.table_files``), else the built-in synthetic
-    dataset; decoded once, and with ``cache_dir`` once per node: the first process writes the decoded
+def load_caption_data(cfg: Config, csv_path: str | None = None, cache_dir: Path | None = None,
+                      key: str = "data.csv") -> CaptionData:
+    """The configured tables (or ``csv_path``, given as ``key``: see ``tables.table_files``), else the built-in
+    synthetic dataset; decoded once, and with ``cache_dir`` once per node: the first process writes the decoded
     images there, the others map them. Without it the images go to a temporary file that is mapped,
     then deleted: still paged by the OS, never held in this process's own memory."""
     spec = cfg.data.csv if csv_path is None else csv_path
-    source = spec or f"built-in synthetic ({cfg.data.synth_n} images)"
+    if spec:  # a missing table is refused here, named as the user gave it (the cache key and decode look again)
+        table_files(spec, key)
+    source = spec or synthetic_source(cfg)
     shape = (3, cfg.model.img_size, cfg.model.img_size)
     if cache_dir is None:
         with tempfile.TemporaryDirectory(prefix="seemore-ds-decode-") as folder:
@@ -83,16 +83,20 @@ def decode_caption_data(cfg: Config, spec: str, image_file: Path, progress: bool
     """Decode the tables ``spec`` names (empty: the built-in dataset) into ``image_file``, uint8
     (N, 3, S, S), on ``data.decode_workers`` processes (0: this process's cores, shared out between
     ``ranks_decoding`` processes of the node doing the same); a progress bar when ``progress``."""
-    if not spec:
-        start = time.perf_counter()
-        pil_images, captions = synthetic_dataset(cfg.data.synth_n, seed=cfg.train.seed, size_px=cfg.model.img_size)
-        np.stack([to_rgb_array(img, cfg.model.img_size) for img in pil_images]).tofile(image_file)
-        return DecodeResult(len(captions), captions, [], time.perf_counter() - start, 1)
     settings = DecodeSettings(cfg.model.img_size, cfg.model.max_caption_len, cfg.data.max_image_pixels)
-    result = decode_tables(table_files(spec), settings, image_file, cfg.data.on_bad_row,
-                           cfg.data.decode_workers or max(1, default_workers() // ranks_decoding), progress=progress)
-    check_usable(spec, result)
+    if spec:
+        result = decode_tables(table_files(spec), settings, image_file, cfg.data.on_bad_row,
+                               cfg.data.decode_workers or max(1, default_workers() // ranks_decoding), progress=progress)
+    else:
+        result = decode_synthetic(cfg.data.synth_n, cfg.train.seed, settings, image_file, cfg.data.on_bad_row,
+                                  synthetic_source(cfg))
+    check_usable(spec or synthetic_source(cfg), result)
     return result
+
+
+def synthetic_source(cfg: Config) -> str:
+    """How the built-in dataset is named where a table's file name would be."""
+    return f"built-in synthetic ({cfg.data.synth_n} images)"
 
 
 def _shows_progress(cfg: Config) -> bool:
@@ -105,14 +109,14 @@ def load_train_val(cfg: Config, cache_dir: Path | None = None) -> tuple[CaptionD
     training data then trains), else a split of the training data by ``data.val_fraction``."""
     data = load_caption_data(cfg, cache_dir=cache_dir)
     if cfg.data.val_csv:
-        return data, data, load_caption_data(cfg, cfg.data.val_csv, cache_dir=cache_dir)
+        return data, data, load_caption_data(cfg, cfg.data.val_csv, cache_dir=cache_dir, key="data.val_csv")
     return data, *split_train_val(data, cfg.data.val_fraction, cfg.train.seed)
 
 
 def load_held_out(cfg: Config) -> CaptionData:
     """The held-out rows alone: ``data.val_csv``, else the split of the training data."""
     if cfg.data.val_csv:
-        return load_caption_data(cfg, cfg.data.val_csv)
+        return load_caption_data(cfg, cfg.data.val_csv, key="data.val_csv")
     return split_train_val(load_caption_data(cfg), cfg.data.val_fraction, cfg.train.seed)[1]
 
 
@@ -239,6 +243,17 @@ class BatchPrefetcher:
         return batches
 
 
+def check_enough_rows(n: int, batch_size: int, world_size: int, skipped: str = "") -> None:
+    """A UserError when ``n`` training rows make no whole step of ``batch_size`` rows on each of ``world_size``
+    ranks; ``skipped`` says which rows the data lost (``summarize_bad_rows``), as a reason to look there."""
+    if n < batch_size * world_size:
+        lost = f"; {skipped}" if skipped else ""
+        raise UserError(
+            f"the training split has {n} rows, fewer than train.batch_size={batch_size} x {world_size} rank(s){lost}; "
+            f"lower train.batch_size or add data"
+        )
+
+
 class ResumableSampler:
     """Per-epoch shuffled, rank-sharded batches of indices whose position survives a restart on any rank count.
 
@@ -252,12 +267,8 @@ class ResumableSampler:
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
         self.samples_per_step = batch_size * world_size
+        check_enough_rows(n, batch_size, world_size)
         self.batches_per_epoch = n // self.samples_per_step
-        if self.batches_per_epoch == 0:
-            raise UserError(
-                f"the training split has {n} rows, fewer than train.batch_size={batch_size} x {world_size} rank(s); "
-                f"lower train.batch_size or add data"
-            )
         self.epoch, self.position = 0, 0  # position: samples of this epoch's global order drawn by all ranks
         self._order = None
 

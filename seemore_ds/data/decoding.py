@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from seemore_ds.data.images import BadImage, decode_base64_image, decode_image_bytes
+from seemore_ds.data.images import BadImage, decode_base64_image, decode_image_bytes, to_rgb_array
+from seemore_ds.data.synthetic import synthetic_dataset
 from seemore_ds.data.tables import Row, TableReader
 from seemore_ds.errors import UserError
 
@@ -73,13 +74,24 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def decode_row(row: Row, settings: DecodeSettings) -> tuple[np.ndarray, str]:
-    """(uint8 (3, S, S), caption) of one row, or BadCaption / BadImage saying why it cannot be used."""
-    caption = row.caption.strip()
+def checked_caption(caption: str, max_caption_len: int) -> str:
+    """The caption without surrounding blanks, or BadCaption when it is empty or longer than the model takes."""
+    caption = caption.strip()
     if not caption:
         raise BadCaption("empty caption")
-    if len(caption) > settings.max_caption_len:
-        raise BadCaption(f"caption of {len(caption)} characters exceeds model.max_caption_len={settings.max_caption_len}")
+    if len(caption) > max_caption_len:
+        raise BadCaption(f"caption of {len(caption)} characters exceeds model.max_caption_len={max_caption_len}")
+    return caption
+
+
+def bad_row_error(file: str | Path, number: int, reason: str) -> UserError:
+    """What stops a run at its first bad row under ``data.on_bad_row=error``."""
+    return UserError(f"{file} row {number}: {reason} (set data.on_bad_row=skip to skip such rows)")
+
+
+def decode_row(row: Row, settings: DecodeSettings) -> tuple[np.ndarray, str]:
+    """(uint8 (3, S, S), caption) of one row, or BadCaption / BadImage saying why it cannot be used."""
+    caption = checked_caption(row.caption, settings.max_caption_len)
     if row.kind == "bad":
         raise BadImage(row.image)
     if row.kind == "base64":
@@ -110,6 +122,25 @@ def decode_chunk(rows: list[Row], settings: DecodeSettings) -> tuple[np.ndarray,
             continue
         captions.append(caption)
     return pixels[: len(captions)], captions, bad
+
+
+def decode_synthetic(n: int, seed: int, settings: DecodeSettings, out_path: Path, on_bad_row: str,
+                     source: str) -> DecodeResult:
+    """The built-in dataset (``synthetic``) drawn into ``out_path`` as ``decode_tables`` decodes a table, under the
+    same rule for captions: one longer than ``model.max_caption_len`` is a bad row of ``source``."""
+    start = time.perf_counter()
+    pil_images, captions = synthetic_dataset(n, seed=seed, size_px=settings.img_size)
+    kept, bad = [], []
+    for number, (image, caption) in enumerate(zip(pil_images, captions), start=1):
+        try:
+            kept.append((image, checked_caption(caption, settings.max_caption_len)))
+        except BadCaption as err:
+            if on_bad_row == "error":
+                raise bad_row_error(source, number, str(err)) from None
+            bad.append(BadRow(number, str(err), source))
+    pixels = [to_rgb_array(image, settings.img_size) for image, _ in kept]
+    np.array(pixels, dtype=np.uint8).reshape(len(kept), 3, settings.img_size, settings.img_size).tofile(out_path)
+    return DecodeResult(len(kept), [caption for _, caption in kept], bad, time.perf_counter() - start, 1)
 
 
 def rss_anon() -> int:
@@ -169,7 +200,7 @@ class _Decode:
         for position, reason in bad:
             row = rows[position]
             if self.on_bad_row == "error":
-                raise UserError(f"{self.files[row.table]} row {row.number}: {reason} (set data.on_bad_row=skip to skip such rows)")
+                raise bad_row_error(self.files[row.table], row.number, reason)
             self.bad_rows.append(BadRow(row.number, reason, str(self.files[row.table])))
         self.captions.extend(captions)
         if worker_rss:

@@ -52,12 +52,13 @@ def cache_key(cfg: Config, spec: str) -> str:
         for file in tables.table_files(spec):
             stat = file.stat()
             identities.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
-        source = {"tables": identities, "max_image_pixels": cfg.data.max_image_pixels,
-                  "max_caption_len": cfg.model.max_caption_len, "on_bad_row": cfg.data.on_bad_row}
+        source = {"tables": identities, "max_image_pixels": cfg.data.max_image_pixels}
     else:
         source = {"synth_n": cfg.data.synth_n, "seed": cfg.train.seed}
     code = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in DECODING_MODULES))
-    inputs = {**source, "img_size": cfg.model.img_size, "format": FORMAT_VERSION, "pillow": PIL.__version__,
+    # The caption rules decide the skipped rows of the built-in dataset as of a table's.
+    inputs = {**source, "max_caption_len": cfg.model.max_caption_len, "on_bad_row": cfg.data.on_bad_row,
+              "img_size": cfg.model.img_size, "format": FORMAT_VERSION, "pillow": PIL.__version__,
               "code_sha256": code.hexdigest()}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()[:24]
 

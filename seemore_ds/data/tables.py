@@ -47,8 +47,9 @@ class Row:
 
 def table_files(spec: str, key: str = "data.csv") -> list[Path]:
     """The tables a ``data.csv``-style value names: files and globs separated by commas, in the order
-    given, each glob's matches sorted; a file named twice is read once. One-line UserErrors for a file
-    that does not exist and a glob that matches no file."""
+    given, each glob's matches sorted; a file named twice is read once. One-line UserErrors, naming
+    ``key`` (the setting or argument the user wrote), for a file that does not exist, a folder and a glob
+    that matches no file."""
     files: list[Path] = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:
@@ -60,6 +61,9 @@ def table_files(spec: str, key: str = "data.csv") -> list[Path]:
             files.extend(matches)
         elif Path(item).is_file():
             files.append(Path(item))
+        elif Path(item).is_dir():
+            raise UserError(f"{key}: {item} is a folder; name a table file, or a glob such as "
+                            f"{os.path.join(item, '*.csv')}")
         else:
             raise UserError(f"{key}: {item} does not exist")
     if not files:
@@ -113,6 +117,7 @@ class TableReader:
                 handle = io.TextIOWrapper(io.BufferedReader(counted), encoding="utf-8-sig", newline="")
                 reader = csv.DictReader(handle)
                 columns = [c.strip() for c in (reader.fieldnames or [])]
+                _check_unique_columns(file, columns)
                 image_column = _image_column(file, columns)
                 reader.fieldnames = columns
                 for number, row in enumerate(reader, start=1):
@@ -152,6 +157,7 @@ class TableReader:
             table = pq.ParquetFile(file)
         except (pa.ArrowException, OSError) as err:
             raise UserError(f"{file} is not a readable Parquet file: {err}") from None
+        _check_unique_columns(file, table.schema_arrow.names)
         image_column = _image_column(file, table.schema_arrow.names)
         total_rows, size, rows_read = max(table.metadata.num_rows, 1), file.stat().st_size, 0
         self._current = lambda: size * rows_read // total_rows
@@ -176,6 +182,14 @@ class _CountingReader(io.RawIOBase):
         n = self.raw.readinto(buffer)
         self.count += n or 0
         return n
+
+
+def _check_unique_columns(file: Path, columns: list[str]) -> None:
+    """Refuse a header that names a column twice: which of the two is meant cannot be told."""
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise UserError(f"{file} has more than one column named {', '.join(map(repr, repeated))}; "
+                        f"rename or remove the extra one(s) so that each name is used once")
 
 
 def _image_column(file: Path, columns: list[str]) -> str:
