@@ -211,8 +211,8 @@ def cmd_eval(args) -> None:
     else:
         print(f"{result['source']}: val_loss {result['val_loss']:.4f}, caption_exact_match {result['caption_exact_match']:.3f} "
               f"on {result['n']} rows")
-        if result["skipped_rows"]:
-            print(f"{result['skipped_rows']} rows skipped as unusable")
+        if result["skipped_rows"]:  # their reasons went to stderr, before the score
+            print(f"{result['skipped_rows']} rows skipped as unusable (reasons above)")
 
 
 def cmd_export(args) -> None:
