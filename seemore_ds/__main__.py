@@ -12,6 +12,7 @@ from pathlib import Path
 
 from seemore_ds.config_reference import markdown_reference, train_help_epilog, yaml_defaults
 from seemore_ds.errors import UserError
+from seemore_ds.output_paths import file_in_the_way
 from seemore_ds.preemption import Preempted
 
 
@@ -48,28 +49,20 @@ _positive_number = functools.partial(_finite_number, above_zero=True)
 _non_negative_number = functools.partial(_finite_number, above_zero=False)
 
 
-def _file_in_the_way(folder: Path) -> Path | None:
-    """The existing file, if any, at ``folder`` or above it: where a folder would have to be made."""
-    for part in (folder, *folder.parents):
-        if part.exists():
-            return None if part.is_dir() else part
-    return None
-
-
 # Output paths are checked when the arguments are parsed, so that a path that cannot be written stops the
 # command before its work (a plan, a dataset) rather than after; missing folders are made when writing.
 def _output_file(text: str) -> str:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; name a file, e.g. {path / 'NAME'}")
-    blocker = _file_in_the_way(path.parent)
+    blocker = file_in_the_way(path.parent)
     if blocker:
         raise argparse.ArgumentTypeError(f"cannot write {text}: {blocker} is a file, not a folder")
     return text
 
 
 def _output_folder(text: str) -> str:
-    blocker = _file_in_the_way(Path(text))
+    blocker = file_in_the_way(Path(text))
     if blocker == Path(text):
         raise argparse.ArgumentTypeError(f"{text} is a file; name a folder")
     if blocker:

@@ -28,6 +28,7 @@ from seemore_ds.config import Config, load_config, save_config, set_key
 from seemore_ds.errors import UserError
 from seemore_ds.manifest import DamagedCheckpoint, verify_checkpoint, write_manifest
 from seemore_ds.model import SeemoreVLM
+from seemore_ds.output_paths import file_in_the_way
 from seemore_ds.tokenizer import CharTokenizer
 
 CHECKPOINTS = "checkpoints"
@@ -490,9 +491,9 @@ def convert_checkpoint(path: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty folder; name a new folder")
-    for part in out.parents:
-        if part.exists() and not part.is_dir():
-            raise UserError(f"--out {out} cannot be a folder: {part} is a file")
+    blocker = file_in_the_way(out.parent)
+    if blocker:
+        raise UserError(f"--out {out} cannot be a folder: {blocker} is a file")
     cfg = load_checkpoint_config(folder)
     tokenizer = CharTokenizer.load(folder / TOKENIZER_FILE)
     with torch.device("meta"):

@@ -22,6 +22,7 @@ from seemore_ds.checkpoint import (CHECKPOINTS, CONFIG_FILE, MODEL_FILE, TOKENIZ
 from seemore_ds.errors import UserError
 from seemore_ds.manifest import MANIFEST_FILE
 from seemore_ds.model import SeemoreVLM
+from seemore_ds.output_paths import file_in_the_way
 from seemore_ds.safe_pickles import refused, weights_only_loads
 from seemore_ds.tokenizer import CharTokenizer
 
@@ -62,7 +63,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     folder = resolve_checkpoint(checkpoint)
     out = Path(out)
     weights = out if out.suffix == ".safetensors" else out / MODEL_FILE
-    _check_writable_folder(weights.parent, "--out")
+    blocker = file_in_the_way(weights.parent)
+    if blocker:
+        raise UserError(f"--out {weights.parent} cannot be a folder: {blocker} is a file")
     _check_not_into_a_checkpoint(weights.parent, folder)
     for name in (CONFIG_FILE, TOKENIZER_FILE):
         if not (folder / name).is_file():
@@ -79,15 +82,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     for name in (CONFIG_FILE, TOKENIZER_FILE):
         shutil.copyfile(folder / name, weights.parent / name)
     return weights
-
-
-def _check_writable_folder(folder: Path, what: str) -> None:
-    """A folder that exists or can be made: no file in the way at it or above it."""
-    for part in (folder, *folder.parents):
-        if part.exists():
-            if not part.is_dir():
-                raise UserError(f"{what} {folder} cannot be a folder: {part} is a file")
-            return
 
 
 def _check_not_into_a_checkpoint(out_folder: Path, source: Path) -> None:
