@@ -107,7 +107,7 @@ def train_and_measure(stage: int, sizes: dict = SIZES, batch_size: int = 2) -> t
     cfg = Config()
     for key, value in sizes.items():
         setattr(cfg.model, key, value)
-    cfg.train.batch_size, cfg.train.backend = batch_size, "deepspeed"
+    cfg.train.batch_size, cfg.train.backend, cfg.train.precision = batch_size, "deepspeed", "fp32"
     cfg.train.deepspeed_config = str(REPO / "ds_configs" / f"zero{stage}.json")
     validate(cfg)
     torch.manual_seed(0)
