@@ -69,6 +69,10 @@ class ModelConfig:
     image_tokens: str = option("patches", "patches: the decoder sees the CLS token and every patch token (LLaVA "
                                           "style); pooled: CLS + the patch grid averaged token_pool x token_pool; "
                                           "cls: the CLS token alone, as in seemore")
+    decoder_updates_images: bool = option(False, "true: every decoder block computes the image tokens as it does the "
+                                                 "text (LLaVA style); false: the blocks read them as keys and values "
+                                                 "only, which costs a fraction (docs/design.md); checkpoints written "
+                                                 "before this key existed load as true")
     token_pool: int = option(2, "with image_tokens=pooled: patches pooled into one decoder token, per side")
     patch_embed: str = option("conv_stem", "conv_stem: 3x3 stride-2 convolutions (BatchNorm, ReLU) down to the patch "
                                            "grid; patch: one patch_size convolution, as in seemore (docs/design.md); "

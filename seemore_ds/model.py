@@ -6,7 +6,6 @@ here, so the data path can stay uint8 end to end.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -29,26 +28,34 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, kv_cache: dict | None = None, n_queries: int | None = None):
-        """``n_queries``: only the first n positions attend (and are returned); all positions are keys."""
+    def forward(self, x, context=None, kv_cache: dict | None = None):
+        """Queries from ``x`` (B, T, C) alone; keys and values from ``context`` (B, S, C), positions before x that
+        are read but not computed, and from x. Causal: each position of x sees all of context, and x up to itself."""
         B, T, C = x.shape
-        if n_queries is None:
-            q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        head_dim = C // self.n_head
+        if context is None:
+            q, k, v = self.qkv(x).view(B, T, 3, self.n_head, head_dim).permute(2, 0, 3, 1, 4)
         else:  # the same fused weights, split so that no query is computed for a position nobody reads
             weight, bias = self.qkv.weight, self.qkv.bias
-            q = F.linear(x[:, :n_queries], weight[:C], bias[:C]).view(B, n_queries, self.n_head, C // self.n_head).transpose(1, 2)
-            k, v = F.linear(x, weight[C:], bias[C:]).view(B, T, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+            q = F.linear(x, weight[:C], bias[:C]).view(B, T, self.n_head, head_dim).transpose(1, 2)
+            k, v = F.linear(torch.cat([context, x], dim=1), weight[C:], bias[C:]).view(
+                B, -1, 2, self.n_head, head_dim).permute(2, 0, 3, 1, 4)
         if kv_cache is not None:
             if "k" in kv_cache:
                 k = torch.cat([kv_cache["k"], k], dim=2)
                 v = torch.cat([kv_cache["v"], v], dim=2)
             kv_cache["k"], kv_cache["v"] = k, v
-        # A single new token attends to every cached position, so it needs no mask.
-        is_causal = self.causal and T > 1
+        S = k.shape[2]
+        is_causal, mask = False, None
+        if self.causal and T > 1:  # a single new token attends to every earlier position, so it needs no mask
+            if S == T:
+                is_causal = True
+            else:  # the queries are the last T of S positions: SDPA's is_causal would align them with the first
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, q.shape[2], C)))
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):
@@ -73,14 +80,15 @@ class Block(nn.Module):
         self.mlp = MLP(dim, dropout)
         self.checkpoint = None  # checkpoint(function, *args): activation checkpointing in training (see checkpoint_blocks)
 
-    def forward(self, x, kv_cache: dict | None = None, keep: int | None = None):
-        """``keep``: return only the first ``keep`` positions, computing attention outputs and MLP for those alone."""
+    def forward(self, x, context=None, kv_cache: dict | None = None):
+        """``context``: positions before x that the attention reads as keys and values; they are neither
+        computed nor returned (see Attention)."""
         if self.checkpoint is not None and self.training and torch.is_grad_enabled() and kv_cache is None:
-            return self.checkpoint(functools.partial(self._forward, keep=keep), x)
-        return self._forward(x, kv_cache, keep)
+            return self.checkpoint(self._forward, x) if context is None else self.checkpoint(self._forward, x, context)
+        return self._forward(x, context, kv_cache)
 
-    def _forward(self, x, kv_cache: dict | None = None, keep: int | None = None):
-        x = x[:, :keep] + self.attn(self.ln1(x), kv_cache, n_queries=keep)
+    def _forward(self, x, context=None, kv_cache: dict | None = None):
+        x = x + self.attn(self.ln1(x), None if context is None else self.ln1(context), kv_cache)
         return x + self.mlp(self.ln2(x))
 
 
@@ -178,9 +186,10 @@ class ViT(nn.Module):
         x = self.patch_norm(self.patch_embed(images).flatten(2).transpose(1, 2))  # (B, patches, dim)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.dropout(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, keep=keep if i == len(self.blocks) - 1 else None)
-        return self.ln(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        return self.ln(last(x) if keep is None else last(x[:, :keep], x[:, keep:]))
 
 
 class Projector(nn.Module):
@@ -196,7 +205,8 @@ class Projector(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Causal character-level transformer; image tokens are prepended to the text embeddings."""
+    """Causal character-level transformer; the image tokens come first, prepended to the text embeddings or read
+    by every block as keys and values only (``memory``)."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_positions: int):
         super().__init__()
@@ -207,12 +217,16 @@ class Decoder(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size)
 
-    def forward(self, x, start_pos: int = 0, kv_caches: list | None = None):
-        """x: (B, T, n_embd) input embeddings at positions start_pos..start_pos+T-1; returns hidden states."""
+    def forward(self, x, start_pos: int = 0, kv_caches: list | None = None, memory=None):
+        """x: (B, T, n_embd) input embeddings at positions start_pos..start_pos+T-1; returns their hidden states.
+        ``memory``: (B, M, n_embd) embeddings at positions 0..M-1 (M <= start_pos) that every block reads as
+        keys and values but does not update; a block's KV cache keeps them after the first call."""
         positions = torch.arange(start_pos, start_pos + x.shape[1], device=x.device)
         x = self.dropout(x + self.pos_embed(positions))
+        if memory is not None:
+            memory = self.dropout(memory + self.pos_embed(torch.arange(memory.shape[1], device=x.device)))
         for i, block in enumerate(self.blocks):
-            x = block(x, kv_caches[i] if kv_caches is not None else None)
+            x = block(x, memory, kv_caches[i] if kv_caches is not None else None)
         return self.ln_f(x)
 
 
@@ -270,6 +284,15 @@ class SeemoreVLM(nn.Module):
             tokens = pool_patch_tokens(tokens, self.cfg.token_pool)
         return self.projector(tokens)
 
+    def decode(self, image_tokens: torch.Tensor, text: torch.Tensor, kv_caches: list | None = None) -> torch.Tensor:
+        """The decoder's hidden states at the text positions, given the image tokens and the text embeddings
+        (B, T, n_embd) that follow them. With ``decoder_updates_images`` every block computes the image
+        positions too, though they predict nothing; without, the blocks read them as keys and values only."""
+        if self.cfg.decoder_updates_images:
+            hidden = self.decoder(torch.cat([image_tokens, text], dim=1), kv_caches=kv_caches)
+            return hidden[:, self.num_image_tokens:]
+        return self.decoder(text, start_pos=self.num_image_tokens, kv_caches=kv_caches, memory=image_tokens)
+
     @torch.no_grad()
     def settle_running_stats(self, images: torch.Tensor, batch_size: int) -> None:
         """The stem's BatchNorm running statistics recomputed for the current weights: their average over
@@ -283,9 +306,7 @@ class SeemoreVLM(nn.Module):
 
     def forward(self, images, input_ids, targets=None):
         """Returns (logits over the text positions, mean loss over non-ignored targets or None)."""
-        image_tokens = self.encode_images(images)
-        x = torch.cat([image_tokens, self.decoder.tok_embed(input_ids)], dim=1)
-        hidden = self.decoder(x)[:, self.num_image_tokens:]  # the image positions predict nothing
+        hidden = self.decode(self.encode_images(images), self.decoder.tok_embed(input_ids))
         logits = self.decoder.lm_head(hidden)
         loss = None
         if targets is not None:
@@ -303,11 +324,12 @@ class SeemoreVLM(nn.Module):
         image_tokens = self.encode_images(images)
         caches = [{} for _ in self.decoder.blocks] if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=images.device)
-        x, start = torch.cat([image_tokens, self.decoder.tok_embed(ids)], dim=1), 0
         for _ in range(max_new_tokens):
-            if not use_cache:
-                x, start = torch.cat([image_tokens, self.decoder.tok_embed(ids)], dim=1), 0
-            hidden = self.decoder(x, start_pos=start, kv_caches=caches)
+            if use_cache and ids.shape[1] > 1:  # the caches hold the image and the text so far: only the newest token is computed
+                start = self.num_image_tokens + ids.shape[1] - 1
+                hidden = self.decoder(self.decoder.tok_embed(ids[:, -1:]), start_pos=start, kv_caches=caches)
+            else:
+                hidden = self.decode(image_tokens, self.decoder.tok_embed(ids), caches)
             logits = self.decoder.lm_head(hidden[:, -1]).float()
             next_id = sample_next(logits, temperature, top_k, generator)
             next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
@@ -315,9 +337,6 @@ class SeemoreVLM(nn.Module):
             done |= next_id == eos_id
             if done.all():
                 break
-            if use_cache:
-                start += x.shape[1]
-                x = self.decoder.tok_embed(next_id[:, None])
         captions = []
         for row in ids[:, 1:].tolist():
             captions.append(row[: row.index(eos_id)] if eos_id in row else row)
@@ -340,7 +359,7 @@ class SeemoreVLM(nn.Module):
             + (c.num_blks - 1) * block(c.image_embed_dim, vit_tokens, vit_tokens)
             + block(c.image_embed_dim, vit_tokens, vit_read)
             + 2 * self.num_image_tokens * (4 * c.image_embed_dim**2 + 4 * c.image_embed_dim * c.n_embd)
-            + c.n_layer * block(c.n_embd, dec_tokens, dec_tokens)
+            + c.n_layer * block(c.n_embd, dec_tokens, dec_tokens if c.decoder_updates_images else text_len)
             + 2 * text_len * c.n_embd * self.vocab_size
         )
         return 3 * forward

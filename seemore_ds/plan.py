@@ -131,8 +131,14 @@ def activation_bytes(m: ModelConfig, vocab: int, micro_batch: int, precision: st
     if m.image_tokens == "pooled":
         vit += patches * d * b  # the patch grid average-pooled (a contiguous copy)
     projector = 9 * image_tokens * d * b
-    decoder = m.n_layer * block(dec_tokens, c) + dec_tokens * c * b + dec_tokens * 2 * 4  # + ln_f
-    decoder += dec_tokens * c * b  # lm_head input (ln_f's output)
+    if m.decoder_updates_images:
+        decoder = m.n_layer * block(dec_tokens, c) + dec_tokens * c * b + dec_tokens * 2 * 4  # + ln_f
+        decoder += dec_tokens * c * b  # lm_head input (ln_f's output)
+    else:  # the blocks compute the text positions; the image tokens enter each as keys and values (3 values
+        # per position: the normed positions side by side, their keys and values) and one LayerNorm's statistics
+        decoder = m.n_layer * (block(text, c) + 3 * image_tokens * c * b + image_tokens * 2 * 4)
+        decoder += image_tokens * c * b  # the image tokens, read by every block
+        decoder += 2 * text * c * b + text * 2 * 4  # ln_f and the lm_head input
     head = text * vocab * b + text * vocab * 4 + text * 8 * 2  # logits, fp32 log-softmax, token ids and targets
     return micro_batch * (vit + projector + decoder + head)
 

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from seemore_ds.__main__ import main
+from seemore_ds.checkpoint import load_model_for_inference
 from seemore_ds.data.csv_reader import read_caption_csv
 from seemore_ds.manifest import write_manifest
 from seemore_ds.tokenizer import CharTokenizer
@@ -408,6 +409,27 @@ def test_a_checkpoint_older_than_the_conv_stem_still_captions(cli, tiny, synth_d
     assert len(result.stdout.splitlines()) == 1
     assert cli.ok(cli("export", "--checkpoint", "old", "--out", "old_export", cwd=tmp_path))
     assert (tmp_path / "old_export" / "model.safetensors").is_file()
+
+
+def test_a_checkpoint_older_than_decoder_updates_images_loads_with_the_decoder_it_was_trained_with(cli, tiny, tmp_path):
+    """Such checkpoints had every decoder block compute the image tokens: the same weights read the other way
+    give other logits, silently, so the missing key must load as true."""
+    cli.ok(cli("train", *tiny, "model.n_layer=2", "model.decoder_updates_images=true", "train.max_steps=1",
+               "run.output_dir=old", cwd=tmp_path))
+    checkpoint = tmp_path / "old" / "checkpoints" / "step_000001"
+    images, ids = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), torch.randint(4, 10, (2, 8))
+    trained, _, _ = load_model_for_inference(checkpoint)
+    config = checkpoint / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if "decoder_updates_images" not in line))
+    write_manifest(checkpoint)  # as such a checkpoint was written: its manifest agrees with its config
+    old, _, cfg = load_model_for_inference(checkpoint)
+
+    assert cfg.model.decoder_updates_images is True
+    with torch.no_grad():
+        torch.testing.assert_close(old(images, ids)[0], trained(images, ids)[0])
+        old.cfg.decoder_updates_images = False  # what the key's default would have made of it
+        assert not torch.allclose(old(images, ids)[0], trained(images, ids)[0])
 
 
 def test_a_conv_stem_checkpoint_older_than_the_full_resolution_convolution_still_captions(cli, tiny, synth_data,

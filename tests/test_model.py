@@ -7,11 +7,13 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from seemore_ds.config import ModelConfig, load_config
 from seemore_ds.data.dataset import CaptionData, TokenizedSplit, tokenize_captions
 from seemore_ds.errors import UserError
-from seemore_ds.model import IGNORE_INDEX, BatchNorm2d, SeemoreVLM, conv_flops, pool_patch_tokens
+from seemore_ds.model import IGNORE_INDEX, Attention, BatchNorm2d, SeemoreVLM, conv_flops, pool_patch_tokens
 from seemore_ds.tokenizer import CharTokenizer
 
 TINY = ModelConfig(img_size=16, patch_size=8, image_embed_dim=32, num_blks=1, n_embd=32, n_layer=1, n_head=2,
@@ -50,8 +52,9 @@ def test_output_shapes(image_tokens, n_image_tokens):
     assert model(images, ids)[1] is None
 
 
-def test_a_future_token_cannot_change_earlier_logits():
-    model = tiny_model()
+@pytest.mark.parametrize("decoder_updates_images", [False, True])
+def test_a_future_token_cannot_change_earlier_logits(decoder_updates_images):
+    model = tiny_model(n_layer=2, decoder_updates_images=decoder_updates_images)
     images, ids = random_images(2), random_ids(2, TINY.max_caption_len + 1)
     logits, _ = model(images, ids)
     for j in (0, 4, ids.shape[1] - 1):
@@ -62,12 +65,41 @@ def test_a_future_token_cannot_change_earlier_logits():
         assert not torch.allclose(new_logits[:, j], logits[:, j]), f"the token at {j} should matter from there on"
 
 
-def test_every_text_position_sees_the_image():
-    model = tiny_model()
+@pytest.mark.parametrize("decoder_updates_images", [False, True])
+def test_every_text_position_sees_the_image(decoder_updates_images):
+    model = tiny_model(decoder_updates_images=decoder_updates_images)
     ids = random_ids(1, TINY.max_caption_len + 1)
     first, _ = model(random_images(1, seed=0), ids)
     second, _ = model(random_images(1, seed=1), ids)
     assert not torch.allclose(first[:, 0], second[:, 0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_over_a_context_gives_the_full_sequences_last_positions(causal):
+    """Queries for the last positions only, the first ones read as keys and values: the same rows (and the
+    same gradients into them) as attention over the whole sequence, so the decoder's text positions see
+    each image token and each earlier character exactly as when the image positions are computed too."""
+    torch.manual_seed(0)
+    attention = Attention(16, 2, 0.0, causal)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    context_len = 3
+    split = attention(x[:, context_len:], x[:, :context_len])
+    split.square().sum().backward()
+    split_grad, x.grad = x.grad.clone(), None
+    full = attention(x)[:, context_len:]
+    full.square().sum().backward()
+    torch.testing.assert_close(split, full)
+    torch.testing.assert_close(split_grad, x.grad)
+
+
+def test_a_decoder_of_one_block_gives_the_same_logits_whether_it_updates_the_image_tokens_or_not():
+    """Its image positions' outputs feed nothing, so reading the image as keys and values only changes
+    nothing but the work; with two blocks the second reads what the first made of the image, and they differ."""
+    images, ids = random_images(2), random_ids(2, TINY.max_caption_len + 1)
+    for n_layer, same in ((1, True), (2, False)):
+        updated, _ = tiny_model(n_layer=n_layer, decoder_updates_images=True)(images, ids)
+        read, _ = tiny_model(n_layer=n_layer, decoder_updates_images=False)(images, ids)
+        assert torch.allclose(updated, read, atol=1e-5) == same, n_layer
 
 
 def test_loss_counts_caption_and_eos_only():
@@ -108,10 +140,10 @@ def test_a_split_is_as_long_as_its_longest_caption_and_trains_to_the_same_loss_a
     assert model.flops_per_sample(split.text_len) < model.flops_per_sample()
 
 
-def scrambled_model(image_tokens: str) -> SeemoreVLM:
+def scrambled_model(image_tokens: str, **changes) -> SeemoreVLM:
     """Large random weights in float64, so greedy captions vary with image and position and have no near-ties.
     Norm layers keep their init: scrambled norm scales saturate the model into one repeated token."""
-    model = tiny_model(image_tokens=image_tokens).double()
+    model = tiny_model(image_tokens=image_tokens, **changes).double()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -120,8 +152,9 @@ def scrambled_model(image_tokens: str) -> SeemoreVLM:
 
 
 @pytest.mark.parametrize("image_tokens", ["patches", "pooled", "cls"])
-def test_kv_cache_generation_equals_full_recompute(image_tokens):
-    model = scrambled_model(image_tokens)
+@pytest.mark.parametrize("decoder_updates_images", [False, True])
+def test_kv_cache_generation_equals_full_recompute(image_tokens, decoder_updates_images):
+    model = scrambled_model(image_tokens, decoder_updates_images=decoder_updates_images)
     images = random_images(4, seed=1)
 
     with_cache = model.generate(images, BOS, EOS, use_cache=True)
@@ -132,8 +165,9 @@ def test_kv_cache_generation_equals_full_recompute(image_tokens):
 
 
 @pytest.mark.parametrize("image_tokens", ["patches", "pooled", "cls"])
-def test_kv_cache_sampling_equals_full_recompute(image_tokens):
-    model = scrambled_model(image_tokens)
+@pytest.mark.parametrize("decoder_updates_images", [False, True])
+def test_kv_cache_sampling_equals_full_recompute(image_tokens, decoder_updates_images):
+    model = scrambled_model(image_tokens, decoder_updates_images=decoder_updates_images)
     images = random_images(4, seed=2)
     sample = dict(temperature=1.0, top_k=5)
 
@@ -232,9 +266,23 @@ def test_vit_keeping_only_cls_gives_the_full_vits_cls_output_and_gradients():
         torch.testing.assert_close(kept_grad, p.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_flops_count_more_decoder_tokens_with_patches_than_pooled_than_cls():
-    flops = [tiny_model(image_tokens=kind).flops_per_sample() for kind in ("patches", "pooled", "cls")]
+@pytest.mark.parametrize("decoder_updates_images", [False, True])
+def test_flops_count_more_decoder_tokens_with_patches_than_pooled_than_cls(decoder_updates_images):
+    flops = [tiny_model(image_tokens=kind, decoder_updates_images=decoder_updates_images).flops_per_sample()
+             for kind in ("patches", "pooled", "cls")]
     assert flops[0] > flops[1] > flops[2]
+
+
+@pytest.mark.parametrize("decoder_updates_images", [False, True])
+@pytest.mark.parametrize("image_tokens", ["patches", "cls"])
+def test_flops_per_sample_is_three_times_the_forwards_counted_flops(decoder_updates_images, image_tokens):
+    """Against torch's own count of the forward's matmuls, convolutions and attention, op by op (attention by
+    its math path, whose products the counter sees: it does not count the CPU's fused kernel)."""
+    model = tiny_model(n_layer=2, decoder_updates_images=decoder_updates_images, image_tokens=image_tokens)
+    images, ids = random_images(4), random_ids(4, 7)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(images, ids, ids)
+    assert model.flops_per_sample(text_len=7) == pytest.approx(3 * counter.get_total_flops() / 4, rel=1e-3)
 
 
 def test_pooled_tokens_average_each_square_of_patches_in_row_major_order():
