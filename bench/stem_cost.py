@@ -16,16 +16,8 @@ import json
 
 import torch
 
-from bench.throughput import OurLoop, bench_data, rates_table, time_in_turns
-from seemore_ds.config import Config, validate
-
-
-def default_config(stem_full_res_width: int) -> Config:
-    cfg = Config()
-    cfg.model.stem_full_res_width = stem_full_res_width
-    cfg.train.backend, cfg.train.device, cfg.train.precision = "torch", "cpu", "fp32"
-    validate(cfg)
-    return cfg
+from bench.throughput import OurLoop, bench_data, default_config, rates_table, time_in_turns
+from seemore_ds.config import Config
 
 
 def main() -> None:
@@ -38,8 +30,8 @@ def main() -> None:
 
     base_cfg = Config()  # the defaults' sizes and stem width
     data, tokenizer = bench_data(512, img_size=base_cfg.model.img_size, caption_len=base_cfg.model.max_caption_len)
-    loops = {str(width): OurLoop(default_config(width), data, tokenizer) for width in widths}
-    nchw = OurLoop(default_config(base_cfg.model.stem_full_res_width), data, tokenizer)
+    loops = {str(width): OurLoop(default_config(stem_full_res_width=width), data, tokenizer) for width in widths}
+    nchw = OurLoop(default_config(), data, tokenizer)
     stem = nchw.backend.module.vit.patch_embed
     stem.forward = lambda images: stem.layers(images)  # the stem's convolutions on the images as they come, NCHW
     loops[f"{base_cfg.model.stem_full_res_width}, NCHW input"] = nchw

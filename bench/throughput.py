@@ -19,7 +19,7 @@ from PIL import Image
 
 from bench.straightforward import Base64CaptionDataset, StraightforwardVLM
 from seemore_ds.backends import build_backend
-from seemore_ds.config import Config, validate
+from seemore_ds.config import Config, ModelConfig, validate
 from seemore_ds.data.csv_reader import encode_png_base64
 from seemore_ds.data.dataset import CaptionData, ResumableSampler, TokenizedSplit
 from seemore_ds.data.images import to_rgb_array
@@ -28,12 +28,15 @@ from seemore_ds.model import SeemoreVLM
 from seemore_ds.profiling.peak import peak_tflops
 from seemore_ds.tokenizer import CharTokenizer
 
-# seemore's own model: its sizes and its single patch_size convolution (what the straightforward loop runs).
+# seemore's own model: its sizes, its single patch_size convolution and a decoder that computes the image token
+# as it does the text (what the straightforward loop runs).
 SEEMORE_SIZES = dict(img_size=96, patch_size=16, image_embed_dim=512, num_blks=3, n_embd=128, n_layer=8, n_head=8,
                      dropout=0.1, max_caption_len=32, patch_embed="patch",
-                     patch_norm=False)
+                     patch_norm=False, decoder_updates_images=True)
 
-DEFAULT_STRUCTURE = dict(patch_embed="conv_stem", patch_norm=True)
+# What the default model does otherwise, at the same sizes: its stem, LayerNormed patches, decoder and dropout.
+DEFAULT_STRUCTURE = {key: getattr(ModelConfig(), key)
+                     for key in ("patch_embed", "patch_norm", "decoder_updates_images", "dropout")}
 
 
 def default_precisions(device: torch.device) -> list[str]:
@@ -55,6 +58,16 @@ def seemore_config(batch_size: int, precision: str, image_tokens: str, compile: 
     cfg.model.image_tokens = image_tokens
     cfg.train.batch_size, cfg.train.precision, cfg.train.backend, cfg.train.device = batch_size, precision, "torch", device
     cfg.train.compile = compile
+    validate(cfg)
+    return cfg
+
+
+def default_config(**model) -> Config:
+    """The default model and batch on the engine-free backend in fp32, with ``model`` keys changed."""
+    cfg = Config()
+    for key, value in model.items():
+        setattr(cfg.model, key, value)
+    cfg.train.backend, cfg.train.device, cfg.train.precision = "torch", "cpu", "fp32"
     validate(cfg)
     return cfg
 
@@ -83,7 +96,8 @@ class StraightforwardLoop:
         dataset = Base64CaptionDataset(pngs, split.input_ids.long(), split.targets.long(), SEEMORE_SIZES["img_size"])
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
         self.batches = iter(self.loader)
-        sizes = {k: v for k, v in SEEMORE_SIZES.items() if k not in ("max_caption_len", "patch_embed", "patch_norm")}
+        sizes = {k: v for k, v in SEEMORE_SIZES.items()
+                 if k not in ("max_caption_len", "patch_embed", "patch_norm", "decoder_updates_images")}
         self.device = torch.device(device)
         self.model = StraightforwardVLM(**sizes, vocab_size=tokenizer.vocab_size, block_size=split.input_ids.shape[1]).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
@@ -152,7 +166,7 @@ def main() -> None:
         **{f"seemore-ds {precision} (cls token)": OurLoop(seemore_config(args.batch_size, precision, "cls"), data, tokenizer)
            for precision in default_precisions(torch.device("cpu"))},
         "seemore-ds fp32 (patch tokens)": OurLoop(seemore_config(args.batch_size, "fp32", "patches"), data, tokenizer),
-        # The default model's structure (conv stem, LayerNormed patches) at seemore's widths.
+        # The default model (its stem, LayerNormed patches, decoder and dropout) at seemore's widths.
         "seemore-ds fp32 (default model, patch tokens)": OurLoop(
             seemore_config(args.batch_size, "fp32", "patches", **DEFAULT_STRUCTURE), data, tokenizer),
         "seemore-ds fp32 (default model, pooled tokens)": OurLoop(
