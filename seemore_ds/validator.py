@@ -31,10 +31,15 @@ STILL_LEARNING_BELOW = 0.95
 STILL_LEARNING_GAIN = 0.03
 # A run that ends below NOTHING_LEARNT_BELOW, not climbing, has captioned almost nothing right yet; it is told that
 # some data needs many times the steps. Glyphs (text read off the image) end at 0.000-0.007 after the default
-# 1,000 steps, their loss flat for about 1,000 steps, and reach 0.95 at steps 5,600-6,200 of 8,000
-# (docs/time_to_quality.md): hence NOTHING_LEARNT_STEPS_FACTOR times the run's steps.
+# 1,000 steps, their loss flat for about 1,000 steps, and reach 0.95 at steps 5,600-6,200 of 8,000: hence
+# NOTHING_LEARNT_STEPS_FACTOR times the run's steps. With patches half as wide (an 8 x 8 grid instead of 4 x 4)
+# they reach 0.95 at steps 1,800-2,200 of 3,000, each step costing about twice as much, so sooner
+# (docs/time_to_quality.md): where the finer grid has at most FINER_GRID_MAX_PATCHES patches, the advice names it
+# with FINER_PATCHES_STEPS_FACTOR times the steps.
 NOTHING_LEARNT_BELOW = 0.05
 NOTHING_LEARNT_STEPS_FACTOR = 8
+FINER_PATCHES_STEPS_FACTOR = 3
+FINER_GRID_MAX_PATCHES = 64
 
 
 class Validator:
@@ -85,10 +90,15 @@ class Validator:
                         f"{max_steps}): a longer run should caption better, e.g. train.max_steps={2 * max_steps} "
                         f"(docs/time_to_quality.md)")
         if final < NOTHING_LEARNT_BELOW:
+            m, finer = self.cfg.model, self.cfg.model.patch_size // 2
+            if m.patch_size % 2 == 0 and (m.img_size // finer) ** 2 <= FINER_GRID_MAX_PATCHES:
+                longer = f"model.patch_size={finer} train.max_steps={FINER_PATCHES_STEPS_FACTOR * max_steps}"
+            else:
+                longer = f"train.max_steps={NOTHING_LEARNT_STEPS_FACTOR * max_steps}"
             return (f"held-out exact match ended at {final:.3f}: the model captions almost no held-out image right yet; "
-                    f"some captions take many times the steps (text read off the image: about 6,000), so if these "
-                    f"captions can be told from the images, try a longer run, e.g. "
-                    f"train.max_steps={NOTHING_LEARNT_STEPS_FACTOR * max_steps} (docs/time_to_quality.md)")
+                    f"some captions take many times the steps (text read off the image: about 6,000, or 2,000 with "
+                    f"patches half as wide), so if these captions can be told from the images, try a longer run, "
+                    f"e.g. {longer} (docs/time_to_quality.md)")
         return None
 
     def exact_match(self) -> float:

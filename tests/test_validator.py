@@ -3,6 +3,8 @@ given, and that a real run prints it."""
 
 from __future__ import annotations
 
+import pytest
+
 from seemore_ds.config import load_config
 from seemore_ds.trainer import train
 from seemore_ds.validator import Validator
@@ -37,14 +39,27 @@ def test_no_advice_for_a_run_that_learned_stalled_or_did_not_reach_its_end():
 
 
 def test_a_run_that_ends_near_zero_is_told_that_some_data_needs_many_times_the_steps():
-    # glyphs with the defaults, seed 1337 (docs/time_to_quality.md)
+    # glyphs with the defaults, seed 1337 (docs/time_to_quality.md): a 4 x 4 patch grid, halved to 8 x 8
     said = advice([(200, 0.0), (400, 0.0), (600, 0.0), (800, 0.003), (1000, 0.007)])
     assert said == ("held-out exact match ended at 0.007: the model captions almost no held-out image right yet; some "
-                    "captions take many times the steps (text read off the image: about 6,000), so if these captions "
-                    "can be told from the images, try a longer run, e.g. train.max_steps=8000 "
-                    "(docs/time_to_quality.md)")
-    assert "train.max_steps=400" in advice([(50, 0.0)], max_steps=50)  # eval.every=0: the final figure is enough
+                    "captions take many times the steps (text read off the image: about 6,000, or 2,000 with patches "
+                    "half as wide), so if these captions can be told from the images, try a longer run, e.g. "
+                    "model.patch_size=8 train.max_steps=3000 (docs/time_to_quality.md)")
+    assert "e.g. model.patch_size=8 train.max_steps=150 " in advice([(50, 0.0)], max_steps=50)  # eval.every=0 too
     assert "still climbing (0.000 at step 800, 0.040 at step 1000)" in advice([(800, 0.0), (1000, 0.04)])
+
+
+@pytest.mark.parametrize("model, longer", [
+    (["model.patch_size=8"], "train.max_steps=8000"),  # halved: a 16 x 16 grid, four times the tokens measured
+    (["model.img_size=96", "model.patch_size=16"], "train.max_steps=8000"),  # halved: 12 x 12
+    (["model.img_size=63", "model.patch_size=9"], "train.max_steps=8000"),  # an odd patch has no half
+    (["model.img_size=32", "model.patch_size=8"], "model.patch_size=4 train.max_steps=3000"),  # halved: 8 x 8
+])
+def test_finer_patches_are_named_only_where_the_grid_stays_as_small_as_measured(model, longer):
+    validator = Validator(load_config(None, ["train.max_steps=1000", *model]), backend=None, split=None,
+                          tokenizer=None, is_main=True)
+    validator.exact_matches = [(800, 0.0), (1000, 0.0)]
+    assert validator.longer_run_advice().endswith(f"e.g. {longer} (docs/time_to_quality.md)")
 
 
 def test_the_trainer_prints_the_advice_after_the_run(tmp_path, monkeypatch, capsys, one_torch_thread):
