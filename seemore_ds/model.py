@@ -325,7 +325,8 @@ class SeemoreVLM(nn.Module):
         caches = [{} for _ in self.decoder.blocks] if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=images.device)
         for _ in range(max_new_tokens):
-            if use_cache and ids.shape[1] > 1:  # the caches hold the image and the text so far: only the newest token is computed
+            # After the first call the caches hold the image and the text so far: only the newest token is computed.
+            if use_cache and ids.shape[1] > 1:
                 start = self.num_image_tokens + ids.shape[1] - 1
                 hidden = self.decoder(self.decoder.tok_embed(ids[:, -1:]), start_pos=start, kv_caches=caches)
             else:
