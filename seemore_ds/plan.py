@@ -195,13 +195,22 @@ def target_from_args(nodes: int, gpus_per_node: int, gpu_mem_gib: float, cpu_mem
     return Target(n, "gpu", gpu_mem_gib * GIB, cpu_mem_gib * GIB / gpus_per_node)
 
 
+def planned_precision(cfg: Config, target: Target) -> str:
+    """The precision whose bytes a run of ``cfg`` on ``target`` holds. ``auto`` trains in bf16 or fp16 on a GPU
+    (two bytes either way); on a CPU it picks what a short measurement there finds faster, and fp32, the
+    larger, keeps the plan on the safe side."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if target.device == "gpu" else "fp32"
+
+
 def plan(cfg: Config, target: Target, global_batch: int) -> tuple[list[Estimate], Estimate | None]:
     """(the estimate of every choice at its largest fitting micro-batch, the chosen one or None)."""
     if global_batch % target.ranks:
         raise UserError(f"plan: the global batch ({global_batch}) must be a multiple of the {target.ranks} rank(s); "
                         f"choose --global-batch {max(1, global_batch // target.ranks) * target.ranks}")
     per_rank = global_batch // target.ranks
-    precision = cfg.train.precision
+    precision = planned_precision(cfg, target)
     psi = count_params(cfg.model, VOCAB_GUESS)
     per_sample = activation_bytes(cfg.model, VOCAB_GUESS, 1, precision)
     budget = target.device_bytes * HEADROOM
@@ -262,7 +271,10 @@ def run_plan(cfg: Config, target: Target, global_batch: int | None, out: str | N
     rows, chosen = plan(cfg, target, global_batch)
     psi = count_params(cfg.model, VOCAB_GUESS)
     budget = target.device_bytes * HEADROOM
-    text = [f"plan: {psi / 1e6:.1f}M parameters, {cfg.train.precision}, global batch {global_batch} on {target.describe()}; "
+    precision = planned_precision(cfg, target)
+    if precision != cfg.train.precision:
+        precision = f"{cfg.train.precision} (planned as {precision})"
+    text = [f"plan: {psi / 1e6:.1f}M parameters, {precision}, global batch {global_batch} on {target.describe()}; "
             f"per rank (a plan fills at most {HEADROOM:.0%} of a device); comm = bytes each rank sends per optimizer step",
             plan_table(rows, chosen, target, budget)]
     if chosen is None:

@@ -48,6 +48,17 @@ def test_the_choice_is_the_lowest_stage_that_fits_then_offload():
         run_plan(cfg, Target(1, "gpu", 0.01 * GIB, 0.01 * GIB), 8, None)
 
 
+@pytest.mark.parametrize("device, as_precision", [("gpu", "bf16"), ("cpu", "fp32")])
+def test_precision_auto_is_planned_as_it_trains_there(device, as_precision):
+    """On a GPU auto trains in two-byte bf16 or fp16; on a CPU it measures, and fp32 is the larger."""
+    target = Target(8, device, 1 * GIB, 64 * GIB)
+    auto = plan(load_config(None, [*NINETY_M[:-1], "train.precision=auto"]), target, 64)
+    named = plan(load_config(None, [*NINETY_M[:-1], f"train.precision={as_precision}"]), target, 64)
+    assert auto == named
+    assert f"auto (planned as {as_precision})" in run_plan(
+        load_config(None, [*NINETY_M[:-1], "train.precision=auto"]), Target(8, device, 80 * GIB, 64 * GIB), 64, None)
+
+
 def test_more_ranks_partition_more():
     psi, per_sample = 90_000_000, 1e6
     for stage in (1, 2, 3):
