@@ -12,8 +12,7 @@ from torch.distributed import ReduceOp
 
 from seemore_ds.config import Config
 from seemore_ds.errors import UserError
-from seemore_ds.data.csv_reader import summarize_bad_rows
-from seemore_ds.data.decoding import BadRow
+from seemore_ds.data.csv_reader import first_bad_rows, summarize_bad_rows
 from seemore_ds.data.dataset import Batch, TokenizedSplit, load_caption_data, load_held_out
 from seemore_ds.model import SeemoreVLM
 from seemore_ds.tokenizer import IGNORE_INDEX, CharTokenizer
@@ -104,12 +103,3 @@ def evaluate_checkpoint(model: SeemoreVLM, tokenizer: CharTokenizer, cfg: Config
     matches, n = caption_matches(model, split, tokenizer, batch_size=batch_size)
     return {"val_loss": val_loss, "caption_exact_match": matches / n, "n": n,
             "skipped_rows": len(data.bad_rows), "bad_rows": [asdict(b) for b in data.bad_rows], "source": source}
-
-
-SHOWN_BAD_ROWS = 5  # on the console; the result lists all of them
-
-
-def first_bad_rows(bad: list[BadRow]) -> str:
-    """'a.csv row 49: image file not found, a.csv row 50: empty caption, ... (and 5 more)'."""
-    shown = ", ".join(f"{b.file} row {b.row}: {b.reason}" for b in bad[:SHOWN_BAD_ROWS])
-    return shown + (f" (and {len(bad) - SHOWN_BAD_ROWS} more)" if len(bad) > SHOWN_BAD_ROWS else "")

@@ -57,6 +57,15 @@ def summarize_bad_rows(bad: list[BadRow]) -> str:
     return f"{len(bad)} row{'s' if len(bad) != 1 else ''} skipped ({kinds})"
 
 
+SHOWN_BAD_ROWS = 5  # on the console; the result lists all of them
+
+
+def first_bad_rows(bad: list[BadRow]) -> str:
+    """'a.csv row 49: image file not found, a.csv row 50: empty caption, ... (and 5 more)'."""
+    shown = ", ".join(f"{b.file} row {b.row}: {b.reason}" for b in bad[:SHOWN_BAD_ROWS])
+    return shown + (f" (and {len(bad) - SHOWN_BAD_ROWS} more)" if len(bad) > SHOWN_BAD_ROWS else "")
+
+
 def write_bad_rows(bad: list[BadRow], path: Path) -> None:
     """The skipped rows as a CSV: row, reason, and first the file when they come from several tables."""
     several = len({b.file for b in bad}) > 1
