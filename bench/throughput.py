@@ -52,22 +52,17 @@ def default_precisions(device: torch.device) -> list[str]:
 def seemore_config(batch_size: int, precision: str, image_tokens: str, compile: bool = False, device: str = "cpu",
                    **sizes) -> Config:
     """seemore's sizes (``sizes`` override some) on the engine-free backend."""
-    cfg = Config()
-    for key, value in {**SEEMORE_SIZES, **sizes}.items():
-        setattr(cfg.model, key, value)
-    cfg.model.image_tokens = image_tokens
-    cfg.train.batch_size, cfg.train.precision, cfg.train.backend, cfg.train.device = batch_size, precision, "torch", device
-    cfg.train.compile = compile
-    validate(cfg)
-    return cfg
+    return default_config(dict(batch_size=batch_size, precision=precision, compile=compile, device=device),
+                          **{**SEEMORE_SIZES, **sizes, "image_tokens": image_tokens})
 
 
-def default_config(**model) -> Config:
-    """The default model and batch on the engine-free backend in fp32, with ``model`` keys changed."""
+def default_config(train: dict | None = None, **model) -> Config:
+    """The defaults on the engine-free backend, in fp32 on the CPU, with ``model`` and ``train`` keys changed."""
     cfg = Config()
     for key, value in model.items():
         setattr(cfg.model, key, value)
-    cfg.train.backend, cfg.train.device, cfg.train.precision = "torch", "cpu", "fp32"
+    for key, value in {"backend": "torch", "device": "cpu", "precision": "fp32", **(train or {})}.items():
+        setattr(cfg.train, key, value)
     validate(cfg)
     return cfg
 
