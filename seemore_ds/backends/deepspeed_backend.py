@@ -248,6 +248,14 @@ class DeepSpeedBackend:
             (run_dir / COMMS_SUMMARY_FILE).write_text(table, encoding="utf-8")
             print(f"comms ({run_dir / COMMS_SUMMARY_FILE}):\n{table}", end="", flush=True)
 
+    def close(self) -> None:
+        # While the interpreter is whole: a process group left for exit to tear down takes gloo's worker
+        # threads down with the interpreter, and now and then that aborts a rank ("terminate called without
+        # an active exception", exit -6) after a run that succeeded.
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+
     def save(self, checkpoint_dir: Path) -> None:
         """DeepSpeed's sharded checkpoint in ``checkpoint_dir``: every rank writes its own shards."""
         self.engine.save_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name, client_state={},
