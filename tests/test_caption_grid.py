@@ -4,7 +4,10 @@ checkpoint."""
 
 from __future__ import annotations
 
+import io
 import json
+import unicodedata
+import warnings
 
 import numpy as np
 import torch
@@ -12,8 +15,9 @@ from PIL import Image
 
 from seemore_ds.checkpoint import load_model_for_inference
 from seemore_ds.evaluation import generate_captions, held_out_data
+from seemore_ds.metrics import caption_grid
 from seemore_ds.metrics.caption_grid import (CAPTIONS_FILE, CAPTIONS_METADATA_KEY, WRONG_COLOR, caption_grid_figure,
-                                             write_caption_grid)
+                                             font_families, write_caption_grid)
 from seemore_ds import validator
 from seemore_ds.config import load_config
 from seemore_ds.validator import CAPTION_SAMPLES, CAPTIONS_REDRAW_S, Validator
@@ -65,6 +69,41 @@ def test_the_png_is_red_only_where_a_caption_is_wrong(tmp_path):
     wrong = write_caption_grid(images, predicted, references, tmp_path / "wrong.png", "run")
     assert red_pixels(right) == 0 and red_pixels(wrong) > 20
     assert [c["right"] for c in drawn_captions(wrong)] == [True, True, False, True]
+
+
+def glyph_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "missing from font" in str(w.message)]
+
+
+def test_characters_the_default_font_lacks_come_from_another_installed_font():
+    """Matplotlib ships STIX beside DejaVu Sans; a letter only STIX has is drawn in STIX, not as a box."""
+    default, stix = (caption_grid._upright_regular_fonts()[name] for name in ("DejaVu Sans", "STIXGeneral"))
+    letter = next(chr(c) for c in sorted(caption_grid._characters_of(stix) - caption_grid._characters_of(default))
+                  if unicodedata.category(chr(c)).startswith("L"))
+    families, missing = font_families([f"a {letter} b", "plain"])
+    assert missing == "" and families[-1] == "STIXGeneral"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig = caption_grid_figure(solid_images(1), [f"a {letter} b"], ["a b"], "run")
+        fig.savefig(io.BytesIO(), format="png")
+    assert glyph_warnings(caught) == []
+    assert "STIXGeneral" in fig.axes[0].title.get_fontfamily()
+
+
+def test_characters_no_font_has_are_named_once_not_warned_per_glyph(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(caption_grid, "_reported_missing", set())
+    unassigned = "\u0378"  # no character has this code point, so no font draws it
+    predicted, references = [f"x{unassigned}", "a b"], ["x", "a b"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in ("first.png", "second.png"):
+            write_caption_grid(solid_images(2), predicted, references, tmp_path / name, "run")
+    assert glyph_warnings(caught) == []
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 1 and notes[0].startswith("note: no installed font has 1 character(s)") and unassigned in notes[0]
+    assert drawn_captions(tmp_path / "first.png")[0]["predicted"] == f"x{unassigned}"  # the metadata keeps the text
+    fig = caption_grid_figure(solid_images(2), predicted, references, "run")
+    assert fig._suptitle.get_text() == "run: 1 of 2 captions right\n(□: 1 character(s) no installed font has)"
 
 
 def test_a_run_and_plot_draw_the_models_own_captions(tiny_run, cli, tmp_path):
