@@ -258,8 +258,5 @@ class Trainer:
 def train(cfg: Config) -> TrainResult:
     """Train as configured; the single entry point used by the CLI and the tests."""
     trainer = Trainer(cfg)
-    try:
-        with trainer.guard.signals:  # from the first step on, a signal saves a checkpoint before the run ends
-            return trainer.run()
-    finally:
-        trainer.backend.close()
+    with trainer.guard.signals:  # from the first step on, a signal saves a checkpoint before the run ends
+        return trainer.run()

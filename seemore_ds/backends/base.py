@@ -142,10 +142,6 @@ class Backend(Protocol):
     def finish(self, run_dir: Path) -> None:
         """At the end of the run, write what the engine recorded over it into ``run_dir``; every rank calls it."""
 
-    def close(self) -> None:
-        """Leave the ranks' process group; the backend serves no more steps. Every rank calls it, at the end
-        of a run, however it ends."""
-
     def save(self, checkpoint_dir: Path) -> None:
         """Write this rank's part of the engine state (model, optimizer, schedule) into ``checkpoint_dir``;
         every rank calls it. The checkpoint manager writes everything else."""

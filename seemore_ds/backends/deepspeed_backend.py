@@ -7,6 +7,7 @@ every rank, so a bad config ends every rank with the same one-line error.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import functools
@@ -43,6 +44,18 @@ def comms_table(summary: dict, world_size: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def leave_process_group() -> None:
+    """Destroy the process group at exit, while the interpreter is whole. Left to the interpreter's own
+    teardown, gloo's worker threads can abort a rank that has finished ("terminate called without an
+    active exception", exit -6; torch asks for destroy_process_group). Not at the end of a run: a
+    process may hold several runs (tests do), and a group destroyed and made again on the same port
+    can meet the old one's rendezvous on another rank and wait forever."""
+    import deepspeed.comm
+
+    if torch.distributed.is_initialized():
+        deepspeed.comm.destroy_process_group()
+
+
 class DeepSpeedBackend:
     def __init__(self, model: SeemoreVLM, cfg: Config):
         # A dry settling first, of a copy, from files and environment only: a bad config is refused alike on
@@ -58,6 +71,9 @@ class DeepSpeedBackend:
         compat.quiet_deepspeed()
         accelerator = get_accelerator()
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+        # Once per process however many runs it holds: the runs of one process share one process group.
+        atexit.unregister(leave_process_group)
+        atexit.register(leave_process_group)
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         # Host tensors (the step guard's signal flags) are reduced over a CPU (gloo) group, so that agreeing on
         # them never waits for queued GPU work. The default group serves when it is gloo already (CPU ranks);
@@ -247,14 +263,6 @@ class DeepSpeedBackend:
             table = comms_table(summary, self.world_size)
             (run_dir / COMMS_SUMMARY_FILE).write_text(table, encoding="utf-8")
             print(f"comms ({run_dir / COMMS_SUMMARY_FILE}):\n{table}", end="", flush=True)
-
-    def close(self) -> None:
-        # While the interpreter is whole: a process group left for exit to tear down takes gloo's worker
-        # threads down with the interpreter, and now and then that aborts a rank ("terminate called without
-        # an active exception", exit -6) after a run that succeeded.
-        import deepspeed.comm
-
-        deepspeed.comm.destroy_process_group()
 
     def save(self, checkpoint_dir: Path) -> None:
         """DeepSpeed's sharded checkpoint in ``checkpoint_dir``: every rank writes its own shards."""

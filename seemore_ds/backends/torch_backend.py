@@ -124,9 +124,6 @@ class TorchBackend:
     def finish(self, run_dir: Path) -> None:
         pass  # no engine, nothing recorded beside the trainer's own logs
 
-    def close(self) -> None:
-        pass  # one process, no process group
-
     def save(self, checkpoint_dir: Path) -> None:
         """The universal layout (this backend's own), and the weights as safetensors for inference."""
         save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, str(checkpoint_dir / MODEL_FILE))
