@@ -217,6 +217,25 @@ def test_hf_style_config_in_one_process_matches_the_engine_free_backend(tmp_path
     assert all(float(r["grad_norm"]) > 0.1 for r in plain)  # the clip binds at every step
 
 
+def test_a_process_keeps_its_process_group_across_runs_and_leaves_it_at_exit(tmp_path):
+    """Torch asks every rank to destroy its process group before it exits (gloo's threads, torn down with the
+    interpreter instead, can abort a rank that has finished); a process that holds several runs shares one."""
+    script = (
+        "import atexit, sys, torch\n"
+        "from seemore_ds.__main__ import main\n"
+        # registered first, so it runs last of the exit handlers
+        "atexit.register(lambda: print('at exit, group left:', not torch.distributed.is_initialized(), flush=True))\n"
+        "codes = [main([*sys.argv[1:], f'run.output_dir=run-{i}']) for i in range(2)]\n"
+        "print('between runs, group kept:', torch.distributed.is_initialized(), codes, flush=True)\n"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script, "train", *TINY, "train.max_steps=1", "train.backend=deepspeed"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "between runs, group kept: True [0, 0]" in result.stdout
+    assert result.stdout.splitlines()[-1] == "at exit, group left: True"
+
+
 def test_error_on_one_rank_ends_every_rank(runs, tmp_path):
     """Rank 1 cannot read its optimizer shard while rank 0 loads on: the launcher ends both, no hang."""
     run_dir = tmp_path / "run"
