@@ -72,13 +72,15 @@ def _missing_note(missing: str) -> str:
             f"{Path(matplotlib.get_cachedir()) / 'fontlist-*.json'} so that matplotlib finds it")
 
 
-def caption_grid_figure(images: np.ndarray, predicted: list[str], references: list[str], title: str) -> Figure:
+def caption_grid_figure(images: np.ndarray, predicted: list[str], references: list[str], title: str,
+                        fonts: tuple[list[str], str] | None = None) -> Figure:
     """A grid of uint8 images (N, 3, S, S), each titled by its predicted caption: green when it equals
-    the reference, red with a cross and the reference beneath when it does not."""
+    the reference, red with a cross and the reference beneath when it does not. ``fonts``: font_families
+    of the title and captions, where the caller has it already."""
     n = len(predicted)
     rows = max(1, math.ceil(n / COLUMNS))
     right = sum(p == r for p, r in zip(predicted, references))
-    families, missing = font_families([title, *predicted, *references])
+    families, missing = fonts or font_families([title, *predicted, *references])
     note = f"\n(□: {len(missing)} character(s) no installed font has)" if missing else ""
     with matplotlib.rc_context({"font.family": families}):  # the text made in here keeps these fonts
         fig = Figure(figsize=(2.6 * COLUMNS, 3.3 * rows), layout="constrained")
@@ -106,9 +108,10 @@ def _wrap(text: str) -> str:
 def write_caption_grid(images: np.ndarray, predicted: list[str], references: list[str], out: Path,
                        title: str) -> Path:
     """Draw the grid into ``out`` (a PNG), with the captions drawn also kept in its metadata."""
-    fig = caption_grid_figure(images, predicted, references, title)
+    fonts = font_families([title, *predicted, *references])
+    fig = caption_grid_figure(images, predicted, references, title, fonts)
     drawn = [{"predicted": p, "reference": r, "right": p == r} for p, r in zip(predicted, references)]
-    _, missing = font_families([title, *predicted, *references])
+    missing = fonts[1]
     with warnings.catch_warnings():
         if missing:  # named once below, not once per character and drawing as matplotlib would
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")
