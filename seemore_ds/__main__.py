@@ -12,6 +12,7 @@ from pathlib import Path
 
 from seemore_ds.config_reference import markdown_reference, train_help_epilog, yaml_defaults
 from seemore_ds.errors import UserError
+from seemore_ds.launching import end_process
 from seemore_ds.output_paths import file_in_the_way
 from seemore_ds.preemption import Preempted
 
@@ -344,7 +345,7 @@ class StdoutThatOutlivesItsReader:
 def console_script() -> None:
     """The ``seemore-ds`` command that ``pip install .`` puts on the PATH."""
     sys.stdout = StdoutThatOutlivesItsReader(sys.stdout)
-    sys.exit(main())
+    end_process(main())
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ them), and this module remembers which values those were, so that they never rea
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sys
+from typing import NoReturn
 
 # The variables stand_in_for_launcher wrote in this process, with the values it wrote.
 _written_without_launcher: dict[str, str] = {}
@@ -56,3 +58,23 @@ def train_arguments() -> list[str]:
     """This run's command-line arguments from ``train`` on, for a message that says what to run."""
     args = script_arguments()
     return args if args[:1] == ["train"] else ["train", "..."]
+
+
+def end_process(code: int) -> NoReturn:
+    """End this process with exit code ``code``; one that holds a process group skips Python's finalization.
+
+    A collective's worker thread (gloo's) may still be letting go of the last collective's tensors when the main
+    thread exits. Where that frees a tensor's Python object, the thread takes the GIL, and once Python has begun
+    finalizing, Python up to 3.13 ends such a thread in the middle of a C++ destructor: the process aborts ("terminate
+    called without an active exception", exit -6) after a run that succeeded (pytorch/pytorch#190489). Destroying
+    the group does not stop those threads while DeepSpeed's engine still holds it, which it does until the process
+    ends. So such a process runs every exit handler, flushes its output and ends at once, as a forked
+    multiprocessing child does.
+    """
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not (distributed.is_available() and distributed.is_initialized()):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what a normal exit runs, ours included (deepspeed_backend destroys the group there)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

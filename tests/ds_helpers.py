@@ -10,10 +10,9 @@ launch with that code (and the launcher ends the other ranks).
 from __future__ import annotations
 
 import json
-import sys
 
 from seemore_ds.__main__ import main
-from seemore_ds.launching import script_arguments
+from seemore_ds.launching import end_process, script_arguments
 
 
 def run_plan(plan_file: str) -> int:
@@ -25,4 +24,4 @@ def run_plan(plan_file: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_plan(script_arguments()[0]))
+    end_process(run_plan(script_arguments()[0]))

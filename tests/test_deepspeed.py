@@ -218,8 +218,8 @@ def test_hf_style_config_in_one_process_matches_the_engine_free_backend(tmp_path
 
 
 def test_a_process_keeps_its_process_group_across_runs_and_leaves_it_at_exit(tmp_path):
-    """Torch asks every rank to destroy its process group before it exits (gloo's threads, torn down with the
-    interpreter instead, can abort a rank that has finished); a process that holds several runs shares one."""
+    """Torch asks every rank to destroy its process group before it exits; a process that holds several runs
+    shares one."""
     script = (
         "import atexit, sys, torch\n"
         "from seemore_ds.__main__ import main\n"

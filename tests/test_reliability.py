@@ -126,6 +126,56 @@ def test_a_second_signal_ends_the_process_at_once(name):
     assert result.returncode == -getattr(signal, name)
 
 
+# --- the end of a rank ---------------------------------------------------------------------------
+
+# Rank 0 leaves a collective to gloo's worker thread and drops its tensor, so that the thread must take the
+# GIL to free the tensor's Python object once the collective ends. Its peer joins the collective during rank 0's
+# last exit handler, which keeps the GIL (a long C call) until Python would begin finalizing.
+ENDING_RANK_SCRIPT = """
+import atexit, os, sys
+exiting = os.path.join(sys.argv[3], "exiting")
+# Registered before any library registers its own, so these are rank 0's last exit handlers, run last first.
+atexit.register(print, "exit handlers ran")  # C code, as the next: left unflushed, for the process to flush
+atexit.register(sum, range(10**8))  # one long C call that keeps the GIL until finalization begins
+atexit.register(lambda: open(exiting, "w").close())  # the peer joins the collective now
+import time, torch, torch.distributed as dist
+from seemore_ds.launching import end_process
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+if rank == 1:
+    while not os.path.exists(exiting):
+        time.sleep(0.01)
+    dist.all_reduce(torch.ones(4))
+    time.sleep(600)  # ended by the test
+class RunsPythonInFinalization:
+    def __del__(self):  # where the waiting worker thread gets the GIL
+        pass
+keeper = RunsPythonInFinalization()
+tensor = torch.ones(4)
+dist.all_reduce(tensor, async_op=True)
+del tensor
+print("rank 0 done", flush=True)
+end_process(0)
+"""
+
+
+def test_a_rank_whose_collective_ends_late_still_exits_cleanly(tmp_path):
+    """A gloo worker thread that frees a collective's tensor during Python's finalization aborts the process
+    (exit -6, "terminate called without an active exception"); a rank that ends through end_process runs its
+    exit handlers and ends before finalization, with its own exit code."""
+    port = str(free_port())
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}  # output left to flush
+    ranks = [subprocess.Popen([sys.executable, "-c", ENDING_RANK_SCRIPT, str(rank), port, str(tmp_path)], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    try:
+        out, err = ranks[0].communicate(timeout=120)
+    finally:
+        ranks[1].kill()
+        ranks[1].wait()
+    assert (ranks[0].returncode, out) == (0, "rank 0 done\nexit handlers ran\n"), err[-2000:]
+    assert "terminate called" not in err
+
+
 # --- crash-proof saves -------------------------------------------------------------------------
 
 # Big enough (3.3M parameters, ~40 MB per checkpoint) that a save takes a while on any machine.

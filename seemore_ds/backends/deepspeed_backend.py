@@ -45,11 +45,11 @@ def comms_table(summary: dict, world_size: int) -> str:
 
 
 def leave_process_group() -> None:
-    """Destroy the process group at exit, while the interpreter is whole. Left to the interpreter's own
-    teardown, gloo's worker threads can abort a rank that has finished ("terminate called without an
-    active exception", exit -6; torch asks for destroy_process_group). Not at the end of a run: a
-    process may hold several runs (tests do), and a group destroyed and made again on the same port
-    can meet the old one's rendezvous on another rank and wait forever."""
+    """Destroy the process group at exit, as torch asks of every process that made one. Its threads live on
+    while DeepSpeed's engine holds the group (until the process ends), which is why ``launching.end_process``
+    ends such a process without Python's finalization. Not at the end of a run: a process may hold several
+    runs (tests do), and a group destroyed and made again on the same port can meet the old one's
+    rendezvous on another rank and wait forever."""
     import deepspeed.comm
 
     if torch.distributed.is_initialized():
