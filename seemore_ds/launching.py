@@ -1,9 +1,10 @@
-"""What a launcher gives a process, read in one place: whether one started it, its arguments, a rendezvous.
+"""A rank's process from start to end: whether a launcher started it, its arguments, a rendezvous, its exit.
 
 A launcher (``deepspeed``, torchrun) starts one process per rank with RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT set, and ``deepspeed`` adds ``--local_rank=N`` to the arguments. A run
 that no launcher started gets the same variables from ``stand_in_for_launcher`` (DeepSpeed needs
 them), and this module remembers which values those were, so that they never read as a launcher's.
+``end_process`` ends a process that took part in collectives without the interpreter's teardown.
 """
 
 from __future__ import annotations
