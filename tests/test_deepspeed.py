@@ -223,10 +223,12 @@ def test_a_process_keeps_its_process_group_across_runs_and_leaves_it_at_exit(tmp
     script = (
         "import atexit, sys, torch\n"
         "from seemore_ds.__main__ import main\n"
+        "from seemore_ds.launching import end_process\n"
         # registered first, so it runs last of the exit handlers
         "atexit.register(lambda: print('at exit, group left:', not torch.distributed.is_initialized(), flush=True))\n"
         "codes = [main([*sys.argv[1:], f'run.output_dir=run-{i}']) for i in range(2)]\n"
         "print('between runs, group kept:', torch.distributed.is_initialized(), codes, flush=True)\n"
+        "end_process(0)\n"
     )
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", script, "train", *TINY, "train.max_steps=1", "train.backend=deepspeed"],
