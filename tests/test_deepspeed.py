@@ -224,7 +224,7 @@ def test_a_process_keeps_its_process_group_across_runs_and_leaves_it_at_exit(tmp
         "import atexit, sys, torch\n"
         "from seemore_ds.__main__ import main\n"
         "from seemore_ds.launching import end_process\n"
-        # registered first, so it runs last of the exit handlers
+        # registered before the backend's own exit handler (which destroys the group), so it runs after it
         "atexit.register(lambda: print('at exit, group left:', not torch.distributed.is_initialized(), flush=True))\n"
         "codes = [main([*sys.argv[1:], f'run.output_dir=run-{i}']) for i in range(2)]\n"
         "print('between runs, group kept:', torch.distributed.is_initialized(), codes, flush=True)\n"
