@@ -37,7 +37,7 @@ TRAIN_STATE_FILE, RNG_FILE = "train_state.json", "rng/rank{rank}.pt"
 TMP_PREFIX = ".tmp-"
 # Keys newer than some checkpoints, with the value those checkpoints were trained with (not today's default).
 KEYS_OLDER_CHECKPOINTS_LACK = {"model.patch_embed": "patch", "model.patch_norm": False, "model.stem_full_res_width": 0,
-                              "model.decoder_updates_images": True}
+                              "model.decoder_updates_images": True, "model.stem_max_width": 0}
 
 
 def tag_for(step: int) -> str:

@@ -81,6 +81,11 @@ class ModelConfig:
                                           "(BatchNorm, ReLU) that opens the stem at the image's full resolution, "
                                           "so that fine shapes are seen before the first halving; 0: none "
                                           "(docs/design.md); checkpoints written before this key existed load as 0")
+    stem_max_width: int = option(128, "with patch_embed=conv_stem: the most channels of the stem's stride-2 "
+                                      "convolutions, which double towards image_embed_dim; a ViT wider than this "
+                                      "gets the stem of one this wide and a last 1x1 convolution up to its width, "
+                                      "a fraction of the cost (docs/design.md); 0: no limit; checkpoints written "
+                                      "before this key existed load as 0")
     patch_norm: bool = option(True, "LayerNorm on each patch embedding before the positions are added, so that the "
                                     "image, not the position table, dominates the ViT's input (docs/design.md); "
                                     "checkpoints written before this key existed load as false")
@@ -198,7 +203,7 @@ POSITIVE_KEYS = (
 NON_NEGATIVE_KEYS = (
     "train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "eval.every", "eval.max_batches",
     "checkpoint.every", "checkpoint.keep_last", "data.decode_workers", "data.shift_px", "model.stem_full_res_width",
-    "train.eps", "profile.flops_step", "profile.peak_tflops",
+    "model.stem_max_width", "train.eps", "profile.flops_step", "profile.peak_tflops",
 )
 
 FRACTION_KEYS = {"model.dropout": "[0, 1)", "data.val_fraction": "[0, 1)", "train.min_lr_ratio": "[0, 1]",

@@ -123,11 +123,12 @@ class BatchNorm2d(nn.BatchNorm2d):
         return out.to(dtype)
 
 
-def conv_stem_widths(patch_size: int, dim: int) -> list[int]:
+def conv_stem_widths(patch_size: int, dim: int, max_width: int = 0) -> list[int]:
     """Channels after each of ConvStem's stride-2 convolutions, one per time 2 divides the patch size:
-    doubling towards ``dim``, at least 16."""
+    doubling towards ``dim`` (or ``max_width``, where that is set and smaller), at least 16."""
+    top = min(dim, max_width) if max_width else dim
     halvings = (patch_size & -patch_size).bit_length() - 1
-    return [max(dim >> (halvings - 1 - i), 16) for i in range(halvings)]
+    return [max(top >> (halvings - 1 - i), 16) for i in range(halvings)]
 
 
 class ConvStem(nn.Module):
@@ -136,12 +137,15 @@ class ConvStem(nn.Module):
     With ``full_res_width``, a 3x3 stride-1 convolution at the image's full resolution comes first: the
     first halving no longer decides alone what a few-pixel shape looks like (docs/design.md).
 
+    With ``max_width``, the stride-2 convolutions stop widening there and the last convolution projects
+    to ``dim``: a wide ViT's stem then costs what a narrow one's does (docs/design.md).
+
     Output grid and width equal the single patch_size x patch_size convolution's, so it is a drop-in.
     """
 
-    def __init__(self, patch_size: int, dim: int, full_res_width: int = 0):
+    def __init__(self, patch_size: int, dim: int, full_res_width: int = 0, max_width: int = 0):
         super().__init__()
-        widths = conv_stem_widths(patch_size, dim)
+        widths = conv_stem_widths(patch_size, dim, max_width)
         rest = patch_size >> len(widths)
         layers, channels = [], 3
         if full_res_width:
@@ -170,7 +174,7 @@ class ViT(nn.Module):
         dim = cfg.image_embed_dim
         self.num_patches = (cfg.img_size // cfg.patch_size) ** 2
         if cfg.patch_embed == "conv_stem":
-            self.patch_embed = ConvStem(cfg.patch_size, dim, cfg.stem_full_res_width)
+            self.patch_embed = ConvStem(cfg.patch_size, dim, cfg.stem_full_res_width, cfg.stem_max_width)
         else:  # seemore's single patch_size x patch_size convolution
             self.patch_embed = nn.Conv2d(3, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.patch_norm = nn.LayerNorm(dim) if cfg.patch_norm else nn.Identity()

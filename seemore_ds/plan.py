@@ -122,7 +122,7 @@ def activation_bytes(m: ModelConfig, vocab: int, micro_batch: int, precision: st
     if m.patch_embed == "conv_stem":
         side = m.img_size
         stem += 2 * m.stem_full_res_width * side * side * b  # the stride-1 convolution's, at full resolution
-        for width in conv_stem_widths(m.patch_size, d):
+        for width in conv_stem_widths(m.patch_size, d, m.stem_max_width):
             side = (side + 1) // 2
             stem += 2 * width * side * side * b  # BatchNorm's input and ReLU's output (the next conv's input)
     vit = stem + patches * d * b + vit_tokens * 2 * 4  # patch LayerNorm input and statistics

@@ -432,15 +432,18 @@ def test_a_checkpoint_older_than_decoder_updates_images_loads_with_the_decoder_i
         assert not torch.allclose(old(images, ids)[0], trained(images, ids)[0])
 
 
-def test_a_conv_stem_checkpoint_older_than_the_full_resolution_convolution_still_captions(cli, tiny, synth_data,
-                                                                                          tmp_path):
-    """Conv-stem checkpoints from before model.stem_full_res_width existed have no full-resolution convolution."""
+@pytest.mark.parametrize("key, trained_with", [
+    ("stem_full_res_width", ["model.stem_full_res_width=0"]),  # no full-resolution convolution
+    ("stem_max_width", ["model.stem_max_width=0", "model.image_embed_dim=256"]),  # widening to the ViT's width
+])
+def test_a_conv_stem_checkpoint_older_than_a_stem_key_still_captions(cli, tiny, synth_data, tmp_path, key,
+                                                                     trained_with):
+    """Conv-stem checkpoints from before a stem key existed load with the stem they were trained with."""
     _, pngs, _ = synth_data
-    cli.ok(cli("train", *tiny, "model.stem_full_res_width=0", "train.max_steps=1", "run.output_dir=old", cwd=tmp_path))
+    cli.ok(cli("train", *tiny, *trained_with, "train.max_steps=1", "run.output_dir=old", cwd=tmp_path))
     checkpoint = tmp_path / "old" / "checkpoints" / "step_000001"
     config = checkpoint / "config.yaml"
-    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
-                              if "stem_full_res_width" not in line))
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True) if key not in line))
     write_manifest(checkpoint)  # as such a checkpoint was written: its manifest agrees with its config
     result = cli.ok(cli("generate", "--checkpoint", "old", "--image", pngs / "00.png", cwd=tmp_path))
     assert len(result.stdout.splitlines()) == 1

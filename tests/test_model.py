@@ -245,6 +245,22 @@ def test_the_stem_opens_with_a_convolution_at_full_resolution():
     assert tiny_model(stem_full_res_width=0).vit.patch_embed.layers[0](images).shape[-1] == 8
 
 
+def test_the_stem_widens_no_further_than_stem_max_width():
+    """Its stride-2 convolutions double up to the limit; the last convolution still gives the ViT's width and grid."""
+    def stem_channels(model):
+        return [conv.out_channels for conv in model.vit.patch_embed.modules() if isinstance(conv, torch.nn.Conv2d)]
+
+    wide = tiny_model(img_size=32, patch_size=16, image_embed_dim=128, stem_max_width=0, stem_full_res_width=0)
+    capped = tiny_model(img_size=32, patch_size=16, image_embed_dim=128, stem_max_width=32, stem_full_res_width=0)
+    assert stem_channels(wide) == [16, 32, 64, 128, 128]
+    assert stem_channels(capped) == [16, 16, 16, 32, 128]
+    assert capped.vit.patch_embed(torch.zeros(2, 3, 32, 32)).shape == (2, 128, 2, 2)
+    assert capped.flops_per_sample() < wide.flops_per_sample()
+    # A limit above the ViT's width changes nothing.
+    assert stem_channels(tiny_model(img_size=32, patch_size=16, image_embed_dim=128, stem_max_width=512,
+                                    stem_full_res_width=0)) == stem_channels(wide)
+
+
 def test_conv_flops_of_the_single_patch_conv():
     model = tiny_model(patch_embed="patch")  # 2 x 2 patches of 8 x 8 x 3 pixels onto 32 channels
     assert conv_flops(model.vit.patch_embed, 16) == 2 * 4 * (8 * 8 * 3) * 32
