@@ -166,6 +166,9 @@ def main() -> None:
             seemore_config(args.batch_size, "fp32", "patches", **DEFAULT_STRUCTURE), data, tokenizer),
         "seemore-ds fp32 (default model, pooled tokens)": OurLoop(
             seemore_config(args.batch_size, "fp32", "pooled", **DEFAULT_STRUCTURE), data, tokenizer),
+        # The default stem's stride-2 convolutions stop widening at 128 channels; here they widen to the ViT's 512.
+        "seemore-ds fp32 (default model, patch tokens, stem widening to 512)": OurLoop(
+            seemore_config(args.batch_size, "fp32", "patches", **DEFAULT_STRUCTURE, stem_max_width=0), data, tokenizer),
     }
     elapsed = time_in_turns(loops, args.steps, args.rounds)
     samples = args.steps * args.rounds * args.batch_size
