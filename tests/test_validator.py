@@ -44,8 +44,9 @@ def test_a_run_that_ends_near_zero_is_told_that_some_data_needs_many_times_the_s
     assert said == ("held-out exact match ended at 0.007: the model captions almost no held-out image right yet; some "
                     "captions take many times the steps (text read off the image: about 6,000, or 2,000 with patches "
                     "half as wide), so if these captions can be told from the images, try a longer run, e.g. "
-                    "model.patch_size=8 train.max_steps=3000 (docs/time_to_quality.md)")
-    assert "e.g. model.patch_size=8 train.max_steps=150 " in advice([(50, 0.0)], max_steps=50)  # eval.every=0 too
+                    "model.patch_size=8 model.image_embed_dim=64 model.n_head=4 train.max_steps=3000 "
+                    "(docs/time_to_quality.md)")
+    assert " train.max_steps=150 " in advice([(50, 0.0)], max_steps=50)  # eval.every=0 too
     assert "still climbing (0.000 at step 800, 0.040 at step 1000)" in advice([(800, 0.0), (1000, 0.04)])
 
 
@@ -53,13 +54,18 @@ def test_a_run_that_ends_near_zero_is_told_that_some_data_needs_many_times_the_s
     (["model.patch_size=8"], "train.max_steps=8000"),  # halved: a 16 x 16 grid, four times the tokens measured
     (["model.img_size=96", "model.patch_size=16"], "train.max_steps=8000"),  # halved: 12 x 12
     (["model.img_size=63", "model.patch_size=9"], "train.max_steps=8000"),  # an odd patch has no half
-    (["model.img_size=32", "model.patch_size=8"], "model.patch_size=4 train.max_steps=3000"),  # halved: 8 x 8
+    (["model.img_size=32", "model.patch_size=8"],  # halved: 8 x 8, the ViT half as wide with half the heads
+     "model.patch_size=4 model.image_embed_dim=64 model.n_head=4 train.max_steps=3000"),
+    (["model.img_size=32", "model.patch_size=8", "model.image_embed_dim=96", "model.n_embd=96", "model.n_head=6"],
+     "model.patch_size=4 model.image_embed_dim=48 model.n_head=3 train.max_steps=3000"),
+    (["model.img_size=32", "model.patch_size=8", "model.n_head=1"], "model.patch_size=4 train.max_steps=3000"),
 ])
 def test_finer_patches_are_named_only_where_the_grid_stays_as_small_as_measured(model, longer):
     validator = Validator(load_config(None, ["train.max_steps=1000", *model]), backend=None, split=None,
                           tokenizer=None, is_main=True)
     validator.exact_matches = [(800, 0.0), (1000, 0.0)]
     assert validator.longer_run_advice().endswith(f"e.g. {longer} (docs/time_to_quality.md)")
+    load_config(None, ["train.max_steps=1000", *model, *longer.split()])  # what it names is a valid config
 
 
 def test_the_trainer_prints_the_advice_after_the_run(tmp_path, monkeypatch, capsys, one_torch_thread):
