@@ -34,7 +34,7 @@ STILL_LEARNING_GAIN = 0.03
 # 1,000 steps, their loss flat for about 1,000 steps, and reach 0.95 at steps 5,600-6,200 of 8,000: hence
 # NOTHING_LEARNT_STEPS_FACTOR times the run's steps. With patches half as wide (an 8 x 8 grid instead of 4 x 4)
 # they reach 0.95 at steps 1,800-2,200 of 3,000, each step costing about twice as much, so sooner; with the ViT
-# half as wide and half the heads too, at steps 2,000-2,200, each step 1.6x cheaper than with the finer grid alone
+# half as wide and half the heads too, at steps 1,600-2,200, each step 1.6x cheaper than with the finer grid alone
 # (docs/time_to_quality.md). Where the finer grid has at most FINER_GRID_MAX_PATCHES patches, the advice names it
 # with FINER_PATCHES_STEPS_FACTOR times the steps, and the narrower ViT where the heads halve.
 NOTHING_LEARNT_BELOW = 0.05
