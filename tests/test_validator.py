@@ -46,7 +46,8 @@ def test_a_run_that_ends_near_zero_is_told_that_some_data_needs_many_times_the_s
                     "half as wide), so if these captions can be told from the images, try a longer run, e.g. "
                     "model.patch_size=8 model.image_embed_dim=64 model.n_head=4 train.max_steps=3000 "
                     "(docs/time_to_quality.md)")
-    assert " train.max_steps=150 " in advice([(50, 0.0)], max_steps=50)  # eval.every=0 too
+    assert ("e.g. model.patch_size=8 model.image_embed_dim=64 model.n_head=4 train.max_steps=150 "
+            in advice([(50, 0.0)], max_steps=50))  # eval.every=0 too
     assert "still climbing (0.000 at step 800, 0.040 at step 1000)" in advice([(800, 0.0), (1000, 0.04)])
 
 
