@@ -42,7 +42,7 @@ class DataConfig:
     val_fraction: float = option(0.1, "held-out share, split deterministically from train.seed (unused with "
                                       "data.val_csv)")
     synth_n: int = option(3000, "size of the built-in dataset")
-    shift_px: int = option(3, "training images moved by up to this many pixels each way (at model.img_size), "
+    shift_px: int = option(0, "training images moved by up to this many pixels each way (at model.img_size), "
                               "another way every epoch, edges repeated; for captions a few pixels' move cannot "
                               "make untrue (docs/data.md); 0: none")
     max_image_pixels: int = option(64_000_000, "images declaring more pixels are refused as decompression bombs")
@@ -58,12 +58,12 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     img_size: int = option(64, "images are resized to img_size x img_size pixels")
-    patch_size: int = option(16, "ViT patch side; the ViT sees (img_size / patch_size)^2 patches")
-    image_embed_dim: int = option(128, "ViT width")
-    num_blks: int = option(3, "ViT blocks")
+    patch_size: int = option(8, "ViT patch side; the ViT sees (img_size / patch_size)^2 patches")
+    image_embed_dim: int = option(64, "ViT width")
+    num_blks: int = option(2, "ViT blocks")
     n_embd: int = option(128, "decoder width")
-    n_layer: int = option(4, "decoder blocks")
-    n_head: int = option(8, "attention heads, both towers")
+    n_layer: int = option(2, "decoder blocks")
+    n_head: int = option(4, "attention heads, both towers")
     dropout: float = option(0.0, "dropout everywhere")
     max_caption_len: int = option(48, "characters; longer captions are reported as bad rows")
     image_tokens: str = option("patches", "patches: the decoder sees the CLS token and every patch token (LLaVA "
@@ -93,7 +93,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = option(1000, "optimizer steps")
+    max_steps: int = option(2000, "optimizer steps")
     batch_size: int = option(32, "samples per rank per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(5e-4, "AdamW peak learning rate: linear warm-up, then cosine decay")

@@ -24,19 +24,20 @@ CAPTION_SAMPLES = 16  # held-out images captioned into captions.png (and W&B) at
 # than at each evaluation (about 1.5 s a drawing on 2 CPU cores). W&B, when on, gets the grid at every one.
 CAPTIONS_REDRAW_S = 300.0
 # A run that ends below STILL_LEARNING_BELOW held-out exact match, having gained at least STILL_LEARNING_GAIN over
-# its last fifth, is told that a longer run would caption better. With the defaults, polygons (counting) gain
-# 0.04-0.12 from step 800 to 1000 on three seeds, and 2,000 steps reach 0.93-0.94 (docs/time_to_quality.md);
-# smaller gains are within the step-to-step wobble of a few hundred held-out rows.
+# its last fifth, is told that a longer run would caption better. With 16-pixel patches and 1,000 steps (the
+# 16-pixel model of docs/time_to_quality.md), polygons (counting) gained 0.04-0.12 from step 800 to 1000 on three
+# seeds, and 2,000 steps reached 0.93-0.94; smaller gains are within the step-to-step wobble of a few hundred
+# held-out rows.
 STILL_LEARNING_BELOW = 0.95
 STILL_LEARNING_GAIN = 0.03
 # A run that ends below NOTHING_LEARNT_BELOW, not climbing, has captioned almost nothing right yet; it is told that
-# some data needs many times the steps. Glyphs (text read off the image) end at 0.000-0.007 after the default
-# 1,000 steps, their loss flat for about 1,000 steps, and reach 0.95 at steps 5,600-6,200 of 8,000: hence
-# NOTHING_LEARNT_STEPS_FACTOR times the run's steps. With patches half as wide (an 8 x 8 grid instead of 4 x 4)
-# they reach 0.95 at steps 1,800-2,200 of 3,000, each step costing about twice as much, so sooner; with the ViT
-# half as wide and half the heads too, at steps 1,600-2,200, each step 1.6x cheaper than with the finer grid alone
-# (docs/time_to_quality.md). Where the finer grid has at most FINER_GRID_MAX_PATCHES patches, the advice names it
-# with FINER_PATCHES_STEPS_FACTOR times the steps, and the narrower ViT where the heads halve.
+# some data needs many times the steps. Glyphs (text read off the image) with the 16-pixel model end at
+# 0.000-0.007 after 1,000 steps, their loss flat for about 1,000 steps, and reach 0.95 at steps 5,600-6,200 of
+# 8,000: hence NOTHING_LEARNT_STEPS_FACTOR times the run's steps. With patches half as wide (an 8 x 8 grid instead
+# of 4 x 4) they reach 0.95 at steps 1,800-2,200 of 3,000, each step costing about twice as much, so sooner; with
+# the ViT half as wide and half the heads too, at steps 1,600-2,200, each step 1.6x cheaper than with the finer
+# grid alone (docs/time_to_quality.md). Where the finer grid has at most FINER_GRID_MAX_PATCHES patches, the advice
+# names it with FINER_PATCHES_STEPS_FACTOR times the steps, and the narrower ViT where the heads halve.
 NOTHING_LEARNT_BELOW = 0.05
 NOTHING_LEARNT_STEPS_FACTOR = 8
 FINER_PATCHES_STEPS_FACTOR = 3
@@ -100,9 +101,9 @@ class Validator:
             else:
                 longer = f"train.max_steps={NOTHING_LEARNT_STEPS_FACTOR * max_steps}"
             return (f"held-out exact match ended at {final:.3f}: the model captions almost no held-out image right yet; "
-                    f"some captions take many times the steps (text read off the image: about 6,000, or 2,000 with "
-                    f"patches half as wide), so if these captions can be told from the images, try a longer run, "
-                    f"e.g. {longer} (docs/time_to_quality.md)")
+                    f"some captions take many times the steps (text read off the image: 1,500-1,600 with the default "
+                    f"8-pixel patches, about 6,000 with 16-pixel ones), so if these captions can be told from the "
+                    f"images, try a longer run, e.g. {longer} (docs/time_to_quality.md)")
         return None
 
     def exact_match(self) -> float:

@@ -12,8 +12,14 @@ from seemore_ds.validator import Validator
 from conftest import TINY
 
 
-def advice(history: list[tuple[int, float]], max_steps: int = 1000) -> str | None:
-    validator = Validator(load_config(None, [f"train.max_steps={max_steps}"]), backend=None, split=None,
+# The model the glyphs measurements quoted below were made with: 16-pixel patches on a ViT twice as wide.
+SIXTEEN_PIXEL_MODEL = ["model.patch_size=16", "model.image_embed_dim=128", "model.n_head=8", "model.num_blks=3",
+                       "model.n_layer=4"]
+
+
+def advice(history: list[tuple[int, float]], max_steps: int = 1000,
+           model: list[str] = SIXTEEN_PIXEL_MODEL) -> str | None:
+    validator = Validator(load_config(None, [f"train.max_steps={max_steps}", *model]), backend=None, split=None,
                           tokenizer=None, is_main=True)
     validator.exact_matches = history
     return validator.longer_run_advice()
@@ -39,16 +45,19 @@ def test_no_advice_for_a_run_that_learned_stalled_or_did_not_reach_its_end():
 
 
 def test_a_run_that_ends_near_zero_is_told_that_some_data_needs_many_times_the_steps():
-    # glyphs with the defaults, seed 1337 (docs/time_to_quality.md): a 4 x 4 patch grid, halved to 8 x 8
+    # glyphs with the 16-pixel model, seed 1337 (docs/time_to_quality.md): a 4 x 4 patch grid, halved to 8 x 8
     said = advice([(200, 0.0), (400, 0.0), (600, 0.0), (800, 0.003), (1000, 0.007)])
     assert said == ("held-out exact match ended at 0.007: the model captions almost no held-out image right yet; some "
-                    "captions take many times the steps (text read off the image: about 6,000, or 2,000 with patches "
-                    "half as wide), so if these captions can be told from the images, try a longer run, e.g. "
-                    "model.patch_size=8 model.image_embed_dim=64 model.n_head=4 train.max_steps=3000 "
+                    "captions take many times the steps (text read off the image: 1,500-1,600 with the default 8-pixel "
+                    "patches, about 6,000 with 16-pixel ones), so if these captions can be told from the images, try a "
+                    "longer run, e.g. model.patch_size=8 model.image_embed_dim=64 model.n_head=4 train.max_steps=3000 "
                     "(docs/time_to_quality.md)")
     assert ("e.g. model.patch_size=8 model.image_embed_dim=64 model.n_head=4 train.max_steps=150 "
             in advice([(50, 0.0)], max_steps=50))  # eval.every=0 too
     assert "still climbing (0.000 at step 800, 0.040 at step 1000)" in advice([(800, 0.0), (1000, 0.04)])
+    # the defaults' 8-pixel patches halved would make a 16 x 16 grid, four times the tokens measured
+    assert advice([(1600, 0.0), (2000, 0.0)], max_steps=2000, model=[]).endswith(
+        "e.g. train.max_steps=16000 (docs/time_to_quality.md)")
 
 
 @pytest.mark.parametrize("model, longer", [
@@ -62,10 +71,8 @@ def test_a_run_that_ends_near_zero_is_told_that_some_data_needs_many_times_the_s
     (["model.img_size=32", "model.patch_size=8", "model.n_head=1"], "model.patch_size=4 train.max_steps=3000"),
 ])
 def test_finer_patches_are_named_only_where_the_grid_stays_as_small_as_measured(model, longer):
-    validator = Validator(load_config(None, ["train.max_steps=1000", *model]), backend=None, split=None,
-                          tokenizer=None, is_main=True)
-    validator.exact_matches = [(800, 0.0), (1000, 0.0)]
-    assert validator.longer_run_advice().endswith(f"e.g. {longer} (docs/time_to_quality.md)")
+    model = SIXTEEN_PIXEL_MODEL + model
+    assert advice([(800, 0.0), (1000, 0.0)], model=model).endswith(f"e.g. {longer} (docs/time_to_quality.md)")
     load_config(None, ["train.max_steps=1000", *model, *longer.split()])  # what it names is a valid config
 
 
