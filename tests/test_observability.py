@@ -224,7 +224,7 @@ def test_plots_of_one_run_and_of_several_overlaid(default_size_run, tiny_run, cl
 ])
 def test_bad_profile_and_wandb_values_are_refused(override, message):
     with pytest.raises(UserError, match=message):
-        load_config(None, [override])
+        load_config(None, ["train.max_steps=1000", override])
 
 
 def test_deepspeed_config_gets_timers_and_profiler():
