@@ -26,7 +26,7 @@ def advice(history: list[tuple[int, float]], max_steps: int = 1000,
 
 
 def test_a_run_that_ends_low_and_climbing_is_told_to_train_longer():
-    # polygons with the defaults, seed 1 (docs/time_to_quality.md)
+    # polygons with the 16-pixel model, seed 1 (docs/time_to_quality.md)
     said = advice([(200, 0.237), (400, 0.34), (600, 0.547), (800, 0.703), (1000, 0.8)])
     assert said == ("held-out exact match was still climbing (0.703 at step 800, 0.800 at step 1000): a longer run "
                     "should caption better, e.g. train.max_steps=2000 (docs/time_to_quality.md)")
