@@ -1,6 +1,6 @@
 """Training samples/s of the default model beside variants of it, the models taking turns.
 
-    python -m bench.step_rate "model.patch_size=8" "model.patch_size=8 model.image_embed_dim=64 model.n_head=4"
+    python -m bench.step_rate "model.n_layer=4" "model.patch_size=16 model.image_embed_dim=128 model.n_head=8"
         [--caption-len 48] [--steps 8] [--rounds 3]
 
 Each argument is one variant: space-separated ``key=value`` overrides of the defaults, as on the train
@@ -25,7 +25,7 @@ ENGINE_FREE_FP32 = ["train.backend=torch", "train.device=cpu", "train.precision=
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", nargs="+", help='e.g. "model.patch_size=8 model.n_head=4"')
+    parser.add_argument("variants", nargs="+", help='e.g. "model.patch_size=16 model.n_head=8"')
     parser.add_argument("--caption-len", type=int, default=48, help="captions cut to this many characters")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model per round")
     parser.add_argument("--rounds", type=int, default=3)
